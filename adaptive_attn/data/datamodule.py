@@ -1,0 +1,137 @@
+"""Lightning data modules over MQAR, local text files and Hugging Face text datasets."""
+
+from pathlib import Path
+
+import lightning as L
+from torch.utils.data import DataLoader, Dataset
+
+from adaptive_attn.data import text
+from adaptive_attn.data.mqar import MQARDataset
+
+
+class LMDataModule(L.LightningDataModule):
+    """Batches of {"tokens": [B, seq_len + 1], optional "target_mask": [B, seq_len], ...}."""
+
+    def __init__(self, seq_len: int, vocab_size: int, batch_size: int = 16, num_workers: int = 0):
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
+        self.seq_len, self.vocab_size = seq_len, vocab_size
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.splits: dict[str, Dataset] = {}
+
+    def build(self) -> dict[str, Dataset]:
+        raise NotImplementedError
+
+    def setup(self, stage: str | None = None) -> None:
+        if not self.splits:
+            self.splits = self.build()
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            self.splits[split],
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            drop_last=shuffle,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+
+class MQARDataModule(LMDataModule):
+    def __init__(
+        self,
+        seq_len: int,
+        vocab_size: int = 256,
+        num_train: int = 20000,
+        num_val: int = 512,
+        min_pairs: int | None = None,
+        max_pairs: int | None = None,
+        data_seed: int = 1234,
+        **kwargs,
+    ):
+        super().__init__(seq_len, vocab_size, **kwargs)
+        self.max_pairs = max_pairs or max(1, min(seq_len // 4, vocab_size // 2))
+        self.min_pairs = min_pairs or max(1, self.max_pairs // 8)
+        self.num_train, self.num_val, self.data_seed = num_train, num_val, data_seed
+
+    def build(self) -> dict[str, Dataset]:
+        def make(n: int, offset: int) -> MQARDataset:
+            return MQARDataset(n, self.seq_len, self.vocab_size, self.min_pairs, self.max_pairs, self.data_seed + offset)
+
+        return {"train": make(self.num_train, 0), "val": make(self.num_val, 1), "test": make(self.num_val, 2)}
+
+
+class TextDataModule(LMDataModule):
+    """Local text: the standard library's sources by default, or `paths`; `tokenizer` = byte | bpe."""
+
+    def __init__(
+        self,
+        seq_len: int,
+        vocab_size: int = text.BYTE_VOCAB,
+        paths: list[str] | None = None,
+        tokenizer: str = "byte",
+        val_percent: float = 2.0,
+        cache_dir: str | None = None,
+        **kwargs,
+    ):
+        super().__init__(seq_len, vocab_size, **kwargs)
+        if tokenizer not in ("byte", "bpe"):
+            raise ValueError(f"data.tokenizer must be 'byte' or 'bpe', got {tokenizer!r}")
+        if tokenizer == "byte" and vocab_size != text.BYTE_VOCAB:
+            raise ValueError(f"data.vocab_size must be {text.BYTE_VOCAB} with the byte tokenizer, got {vocab_size}")
+        self.files = text.expand_paths(list(paths)) if paths else text.stdlib_files()
+        self.tokenizer, self.val_percent = tokenizer, val_percent
+        self.cache_dir = Path(cache_dir) if cache_dir else text.CACHE_DIR
+
+    def build(self) -> dict[str, Dataset]:
+        files = text.split_files(self.files, self.val_percent)
+        if self.tokenizer == "bpe":
+            tok = text.BPETokenizer(files["train"], self.vocab_size, self.cache_dir)
+        else:
+            tok = text.ByteTokenizer()
+        train = text.tokenize_files(files["train"], tok, self.cache_dir)
+        val = text.tokenize_files(files["val"], tok, self.cache_dir)
+        half = len(val) // 2  # val and test: the two halves of the held-out files' tokens
+        return {
+            "train": text.TokenWindows(train, self.seq_len),
+            "val": text.TokenWindows(val[:half], self.seq_len),
+            "test": text.TokenWindows(val[half:], self.seq_len),
+        }
+
+
+class HFTextDataModule(LMDataModule):
+    """A Hugging Face text dataset (default TinyStories); `name` may be a hub name or a local directory."""
+
+    def __init__(
+        self,
+        seq_len: int,
+        vocab_size: int = text.BYTE_VOCAB,
+        name: str = "roneneldan/TinyStories",
+        text_field: str = "text",
+        val_split: str = "validation",
+        max_docs: int | None = 20000,
+        **kwargs,
+    ):
+        super().__init__(seq_len, vocab_size, **kwargs)
+        if vocab_size != text.BYTE_VOCAB:
+            raise ValueError(f"data.vocab_size must be {text.BYTE_VOCAB} (byte tokenizer), got {vocab_size}")
+        self.name, self.text_field, self.val_split, self.max_docs = name, text_field, val_split, max_docs
+
+    def build(self) -> dict[str, Dataset]:
+        tok = text.ByteTokenizer()
+        splits = {}
+        for split, hf_split in (("train", "train"), ("val", self.val_split)):
+            docs = text.load_hf_texts(self.name, hf_split, self.text_field, self.max_docs)
+            splits[split] = text.TokenWindows(tok.encode_documents(docs), self.seq_len)
+        splits["test"] = splits["val"]
+        return splits

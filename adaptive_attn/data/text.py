@@ -1,0 +1,138 @@
+"""Text corpora, tokenised and packed into `seq_len + 1` windows.
+
+Offline by default: the Python standard library's own source files (~30 MB of real code with
+long-range structure, present in every Python install), or the user's files (`data.paths`).
+Byte-level tokens by default (256 bytes + an end-of-document token); optionally a byte-level BPE
+trained locally with `tokenizers`. Token arrays are cached on disk. The split is by file, decided by a
+hash of the file's path, so it is deterministic and independent of file order.
+`load_hf_texts` reads a Hugging Face dataset (TinyStories by default) when online, or a local copy.
+"""
+
+import hashlib
+import sysconfig
+import zlib
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+BYTE_VOCAB = 257
+END_OF_DOC = 256
+CACHE_DIR = Path.home() / ".cache" / "adaptive_attn"
+
+
+def stdlib_files() -> list[Path]:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    return sorted(p for p in root.rglob("*.py") if "site-packages" not in p.parts)
+
+
+def expand_paths(paths: list[str]) -> list[Path]:
+    """Files and directories (searched recursively) -> sorted list of files."""
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if not p.exists():
+            raise FileNotFoundError(f"data.paths: {p} does not exist")
+        files.extend(sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p])
+    return files
+
+
+def split_of(path: Path, val_percent: float) -> str:
+    return "val" if zlib.crc32(str(path).encode()) % 1000 < val_percent * 10 else "train"
+
+
+def split_files(files: list[Path], val_percent: float) -> dict[str, list[Path]]:
+    splits: dict[str, list[Path]] = {"train": [], "val": []}
+    for f in files:
+        splits[split_of(f, val_percent)].append(f)
+    if not splits["train"] or not splits["val"]:
+        raise ValueError(f"data.val_percent={val_percent} leaves an empty split over {len(files)} files")
+    return splits
+
+
+class ByteTokenizer:
+    vocab_size = BYTE_VOCAB
+    eos_id = END_OF_DOC
+    name = "byte"
+
+    def encode_documents(self, texts: list[bytes]) -> np.ndarray:
+        parts = []
+        for t in texts:
+            parts += [np.frombuffer(t, dtype=np.uint8).astype(np.uint16), np.array([END_OF_DOC], np.uint16)]
+        return np.concatenate(parts)
+
+
+class BPETokenizer:
+    """Byte-level BPE trained locally on the training files; cached by corpus and vocab size."""
+
+    def __init__(self, train_files: list[Path], vocab_size: int, cache_dir: Path = CACHE_DIR):
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+        self.vocab_size, self.name = vocab_size, f"bpe{vocab_size}"
+        path = cache_dir / f"bpe-{corpus_key(train_files)}-{vocab_size}.json"
+        if path.exists():
+            self.tok = Tokenizer.from_file(str(path))
+        else:
+            self.tok = Tokenizer(models.BPE())
+            self.tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+            self.tok.decoder = decoders.ByteLevel()
+            trainer = trainers.BpeTrainer(
+                vocab_size=vocab_size, special_tokens=["<|eod|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+            )
+            self.tok.train([str(f) for f in train_files], trainer)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.tok.save(str(path))
+        self.eos_id = self.tok.token_to_id("<|eod|>")
+
+    def encode_documents(self, texts: list[bytes]) -> np.ndarray:
+        encoded = self.tok.encode_batch([t.decode("utf-8", errors="replace") for t in texts])
+        return np.concatenate([np.array(e.ids + [self.eos_id], dtype=np.uint16) for e in encoded])
+
+
+def corpus_key(files: list[Path]) -> str:
+    h = hashlib.sha1()
+    for f in files:
+        st = f.stat()
+        h.update(f"{f}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
+
+
+def tokenize_files(files: list[Path], tokenizer, cache_dir: Path = CACHE_DIR) -> np.ndarray:
+    """Tokens of all files, each followed by end-of-document; cached as .npy."""
+    path = cache_dir / f"tokens-{tokenizer.name}-{corpus_key(files)}.npy"
+    if path.exists():
+        return np.load(path)
+    texts = [f.read_bytes() for f in tqdm(files, desc=f"reading {len(files)} files", leave=False)]
+    tokens = tokenizer.encode_documents(texts)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.npy")
+    np.save(tmp, tokens)
+    tmp.replace(path)
+    return tokens
+
+
+def load_hf_texts(name: str, split: str, text_field: str = "text", max_docs: int | None = None) -> list[bytes]:
+    """Documents of a Hugging Face dataset split (a hub name when online, or a local directory)."""
+    from datasets import load_dataset
+
+    ds = load_dataset(name, split=split)
+    if max_docs is not None:
+        ds = ds.select(range(min(max_docs, len(ds))))
+    return [t.encode() for t in ds[text_field]]
+
+
+class TokenWindows(Dataset):
+    """Non-overlapping windows of `seq_len + 1` tokens; the model shifts them into inputs/targets."""
+
+    def __init__(self, tokens: np.ndarray, seq_len: int):
+        if len(tokens) < seq_len + 1:
+            raise ValueError(f"corpus split has {len(tokens)} tokens, fewer than seq_len + 1 = {seq_len + 1}")
+        self.tokens, self.seq_len = tokens, seq_len
+
+    def __len__(self) -> int:
+        return (len(self.tokens) - 1) // self.seq_len
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        window = self.tokens[i * self.seq_len : i * self.seq_len + self.seq_len + 1]
+        return {"tokens": torch.from_numpy(window.astype(np.int64))}

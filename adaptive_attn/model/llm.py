@@ -1,0 +1,125 @@
+"""DeepSeek-style MoE language model: token embedding -> N x [RMSNorm, MLA, RMSNorm, DeepSeekMoE] -> RMSNorm -> head.
+
+No absolute position embedding: positions enter through RoPE inside MLA (and the indexer).
+Variants differ only in their attention: `DenseMoELLM` (no indexer), `FixedSparseMoELLM` (DSA with a
+fixed keep ratio) and, in `adaptive_attn.model.adaptive`, `AdaptiveMoELLM`.
+"""
+
+from collections.abc import Callable, Iterator
+from functools import partial
+
+import torch
+from torch import nn
+
+from adaptive_attn.model.mla import MultiHeadLatentAttention
+from adaptive_attn.model.moe import DeepSeekMoE
+from adaptive_attn.model.norm import RMSNorm
+from adaptive_attn.model.rope import RotaryEmbedding
+from adaptive_attn.sparse.budget import FixedBudget
+from adaptive_attn.sparse.dsa import DeepSeekSparseAttention
+from adaptive_attn.sparse.indexer import LightningIndexer
+
+
+class Block(nn.Module):
+    def __init__(self, d_model: int, attn: MultiHeadLatentAttention, moe: DeepSeekMoE):
+        super().__init__()
+        self.attn_norm, self.attn = RMSNorm(d_model), attn
+        self.moe_norm, self.moe = RMSNorm(d_model), moe
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """x: [B, L, D] -> [B, L, D], aux losses"""
+        a, aux = self.attn(self.attn_norm(x), cos, sin)
+        x = x + a
+        m, balance = self.moe(self.moe_norm(x))
+        return x + m, {**aux, "balance_loss": balance}
+
+
+class MoELLM(nn.Module):
+    def __init__(
+        self,
+        vocab_size: int,
+        d_model: int = 256,
+        n_layers: int = 4,
+        n_heads: int = 8,
+        head_dim: int | None = None,
+        rope_dim: int = 16,
+        v_head_dim: int | None = None,
+        kv_rank: int = 64,
+        q_rank: int = 0,
+        rope_base: float = 10000.0,
+        moe: dict | None = None,
+        sparse: dict | None = None,
+        budget: Callable[[], nn.Module] | None = None,
+        init_std: float = 0.02,
+    ):
+        super().__init__()
+        head_dim = head_dim or d_model // n_heads
+        v_head_dim = v_head_dim or head_dim
+        self.embed = nn.Embedding(vocab_size, d_model)
+        self.rope = RotaryEmbedding(rope_dim, base=rope_base)
+        self.blocks = nn.ModuleList(
+            Block(
+                d_model,
+                MultiHeadLatentAttention(
+                    d_model, n_heads, head_dim, rope_dim, v_head_dim, kv_rank, q_rank,
+                    dsa=self._build_dsa(d_model, sparse, budget) if budget is not None else None,
+                ),
+                DeepSeekMoE(d_model, **(moe or {})),
+            )
+            for _ in range(n_layers)
+        )
+        self.norm = RMSNorm(d_model)
+        self.head = nn.Linear(d_model, vocab_size, bias=False)
+        self.init_std = init_std
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _build_dsa(d_model: int, sparse: dict | None, budget: Callable[[], nn.Module]) -> DeepSeekSparseAttention:
+        sparse = dict(sparse or {})
+        indexer = LightningIndexer(d_model, **sparse.pop("indexer", {}))
+        return DeepSeekSparseAttention(indexer, budget(), **sparse)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=self.init_std)
+
+    def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """tokens: [B, L] -> (logits [B, L, V], aux: summed balance loss, mean indexer KL)"""
+        x = self.embed(tokens)
+        cos, sin = self.rope(tokens.shape[1], x.dtype)
+        balance, kls = x.new_zeros(()), []
+        for block in self.blocks:
+            x, aux = block(x, cos, sin)
+            balance = balance + aux["balance_loss"]
+            if "indexer_kl" in aux:
+                kls.append(aux["indexer_kl"])
+        aux = {"balance_loss": balance}
+        if kls:
+            aux["indexer_kl"] = torch.stack(kls).mean()
+        return self.head(self.norm(x)), aux
+
+    def sparse_layers(self) -> Iterator[DeepSeekSparseAttention]:
+        return (b.attn.dsa for b in self.blocks if b.attn.dsa is not None)
+
+    def set_training_step(self, step: int) -> None:
+        """Switch each DSA layer from dense warm-up to its sparse stage once `step` reaches its warm-up."""
+        for dsa in self.sparse_layers():
+            dsa.sparse_active.fill_(step >= dsa.warmup_steps)
+
+    def update_router_bias(self) -> None:
+        for block in self.blocks:
+            block.moe.update_router_bias()
+
+
+class DenseMoELLM(MoELLM):
+    """Dense MLA attention everywhere: the baseline."""
+
+    def __init__(self, vocab_size: int, **kwargs):
+        super().__init__(vocab_size, sparse=None, budget=None, **kwargs)
+
+
+class FixedSparseMoELLM(MoELLM):
+    """DSA with one k = ceil(keep * L) per sequence (keep 0.25 / 0.5 / 0.75 = fixed25 / 50 / 75)."""
+
+    def __init__(self, vocab_size: int, keep: float = 0.25, sparse: dict | None = None, **kwargs):
+        super().__init__(vocab_size, sparse=sparse, budget=partial(FixedBudget, keep), **kwargs)

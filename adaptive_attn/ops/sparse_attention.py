@@ -1,0 +1,156 @@
+"""Sparse attention over shared latent rows (MLA "MQA mode"), one math, several backends.
+
+All heads of a query attend the same selected rows of `kv`; the values are the first `v_dim` columns
+of those rows. A selection is either token-level (`block_size == 1`: `indices [B, L, K]`, token
+positions) or block-level (`indices [B, nQB, K]`: key blocks of `block_size` tokens wholly before
+the query block of `query_block` tokens, which also always attends its own diagonal blocks causally).
+Slots holding -1 are unused.
+
+Backends:
+- `reference`: dense scores plus a mask built from the selection; O(L^2), the oracle for tests.
+- `torch`: gathers only the selected rows (queries chunked to bound memory), so compute follows k;
+  block mode feeds the gathered blocks to fused SDPA, reusing its flash backward.
+"""
+
+import torch
+import torch.nn.functional as F
+
+BACKENDS = ("reference", "torch", "auto")
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"model.sparse.backend must be one of {BACKENDS}, got {backend!r}")
+    return "torch" if backend == "auto" else backend
+
+
+def _scatter_mask(indices: torch.Tensor, size: int) -> torch.Tensor:
+    """indices [B, R, K] (-1 = unused) -> bool [B, R, size], True at the used indices."""
+    B, R, _ = indices.shape
+    mask = torch.zeros(B, R, size + 1, dtype=torch.bool, device=indices.device)
+    mask.scatter_(-1, indices.masked_fill(indices < 0, size), True)  # unused slots land in a spare column
+    return mask[..., :size]
+
+
+def selection_mask(indices: torch.Tensor, seq_len: int, block_size: int = 1, query_block: int = 1) -> torch.Tensor:
+    """The key positions each query attends -> bool [B, L, L]."""
+    pos = torch.arange(seq_len, device=indices.device)
+    causal = pos[None, :] <= pos[:, None]
+    if block_size == 1:
+        return _scatter_mask(indices, seq_len) & causal
+    chosen = _scatter_mask(indices, -(-seq_len // query_block) * (query_block // block_size))
+    row_blocks = chosen[:, pos // query_block]  # [B, L, nKB]
+    mask = row_blocks[:, :, pos // block_size]  # [B, L, L]
+    diagonal = (pos[None, :] // query_block) == (pos[:, None] // query_block)
+    return (mask | diagonal) & causal
+
+
+def reference_sparse_attention(q, kv, indices, *, scale, v_dim, block_size=1, query_block=1):
+    """Dense masked attention: q [B, H, L, D], kv [B, L, D] -> (out [B, H, L, v_dim], slot probs or None)"""
+    mask = selection_mask(indices, q.shape[2], block_size, query_block)
+    scores = torch.einsum("bhld,bsd->bhls", q, kv) * scale
+    probs = scores.masked_fill(~mask[:, None], float("-inf")).softmax(-1)
+    out = torch.einsum("bhls,bsv->bhlv", probs, kv[..., :v_dim])
+    if block_size > 1:
+        return out, None
+    slot_probs = probs.detach().mean(1).gather(-1, indices.clamp(min=0)) * (indices >= 0)
+    return out, slot_probs
+
+
+def gather_rows(kv: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """kv [B, S, D], indices [B, T, K] (-1 allowed) -> [B, T, K, D] (slot -1 reads row 0)"""
+    B, T, K = indices.shape
+    flat = indices.clamp(min=0).reshape(B, T * K, 1).expand(-1, -1, kv.shape[-1])
+    return kv.gather(1, flat).view(B, T, K, -1)
+
+
+def torch_token_attention(q, kv, indices, *, scale, v_dim, chunk_size=128):
+    """Gather-based token-level sparse attention -> (out [B, H, L, v_dim], slot probs [B, L, K])."""
+    B, H, L, D = q.shape
+    outs, slot_probs = [], indices.new_zeros(indices.shape, dtype=q.dtype)
+    for c0 in range(0, L, chunk_size):
+        c1 = min(c0 + chunk_size, L)
+        idx = indices[:, c0:c1, :c1]  # a query t has at most t + 1 valid slots, and they come first
+        rows = gather_rows(kv, idx)  # [B, C, K, D]
+        scores = torch.einsum("bhcd,bckd->bhck", q[:, :, c0:c1], rows) * scale
+        probs = scores.masked_fill((idx < 0)[:, None], float("-inf")).softmax(-1)
+        slot_probs[:, c0:c1, : idx.shape[-1]] = probs.detach().mean(1)
+        # values are the rows' first v_dim columns; slicing the output is cheaper than the rows' gradient
+        outs.append(torch.einsum("bhck,bckv->bhcv", probs, rows)[..., :v_dim])
+    return torch.cat(outs, dim=2), slot_probs
+
+
+def block_layout(seq_len: int, block_size: int, query_block: int) -> tuple[int, int, int]:
+    """-> (number of query blocks, key blocks per query block, padded length)"""
+    n_qb = -(-seq_len // query_block)
+    return n_qb, query_block // block_size, n_qb * query_block
+
+
+def with_diagonal_blocks(indices: torch.Tensor, blocks_per_query_block: int) -> torch.Tensor:
+    """Append each query block's own key blocks: [B, nQB, K] -> [B, nQB, K + m]"""
+    B, n_qb, _ = indices.shape
+    m = blocks_per_query_block
+    diag = torch.arange(n_qb, device=indices.device)[:, None] * m + torch.arange(m, device=indices.device)
+    return torch.cat([indices, diag.expand(B, -1, -1)], dim=-1)
+
+
+def gather_blocks(q, kv, indices, *, block_size, query_block, qb0, qb1):
+    """Gather the key blocks of query blocks [qb0, qb1) for SDPA.
+
+    -> queries [B*C, H, Q, D], keys [B*C, 1, S, D], attention mask [B*C, 1, Q, S]
+    """
+    B, H, Lp, D = q.shape
+    m = query_block // block_size
+    blocks = with_diagonal_blocks(indices[:, qb0:qb1], m)  # [B, C, Kb]
+    C, Kb = blocks.shape[1], blocks.shape[2]
+    kv_blocks = kv.view(B, -1, block_size, D)
+    flat = blocks.clamp(min=0).reshape(B, C * Kb, 1, 1).expand(-1, -1, block_size, D)
+    keys = kv_blocks.gather(1, flat).view(B * C, 1, Kb * block_size, D)
+    key_pos = (blocks[..., None] * block_size + torch.arange(block_size, device=q.device)).view(B, C, -1)
+    key_ok = (blocks >= 0)[..., None].expand(-1, -1, -1, block_size).reshape(B, C, -1)
+    q_pos = (torch.arange(qb0, qb1, device=q.device)[:, None] * query_block + torch.arange(query_block, device=q.device))
+    mask = key_ok[:, :, None, :] & (key_pos[:, :, None, :] <= q_pos[None, :, :, None])
+    queries = q[:, :, qb0 * query_block : qb1 * query_block].reshape(B, H, C, query_block, D).transpose(1, 2)
+    return queries.reshape(B * C, H, query_block, D), keys, mask.view(B * C, 1, query_block, -1)
+
+
+def torch_block_attention(q, kv, indices, *, scale, v_dim, block_size, query_block, chunk_size=16) -> torch.Tensor:
+    """Block-sparse attention over gathered blocks with fused SDPA -> [B, H, L, v_dim]."""
+    B, H, L, D = q.shape
+    n_qb, _, Lp = block_layout(L, block_size, query_block)
+    q = F.pad(q, (0, 0, 0, Lp - L))
+    kv = F.pad(kv, (0, 0, 0, Lp - L))
+    outs = []
+    for qb0 in range(0, n_qb, chunk_size):
+        qb1 = min(qb0 + chunk_size, n_qb)
+        queries, keys, mask = gather_blocks(q, kv, indices, block_size=block_size, query_block=query_block, qb0=qb0, qb1=qb1)
+        o = F.scaled_dot_product_attention(queries, keys, keys, attn_mask=mask, scale=scale, enable_gqa=True)
+        outs.append(o.view(B, qb1 - qb0, H, query_block, D).transpose(1, 2).reshape(B, H, -1, D))
+    return torch.cat(outs, dim=2)[:, :, :L, :v_dim]
+
+
+def sparse_attention(
+    q: torch.Tensor,
+    kv: torch.Tensor,
+    indices: torch.Tensor,
+    *,
+    scale: float,
+    v_dim: int,
+    block_size: int = 1,
+    query_block: int = 1,
+    backend: str = "torch",
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """q [B, H, L, D], kv [B, L, D], indices (see module doc) -> (out [B, H, L, v_dim], slot probs)
+
+    Token mode also returns the head-averaged attention probabilities of each selected slot
+    ([B, L, K], detached; the indexer's KL target), block mode None.
+    """
+    backend = resolve_backend(backend, q.device)
+    if backend == "reference":
+        return reference_sparse_attention(
+            q, kv, indices, scale=scale, v_dim=v_dim, block_size=block_size, query_block=query_block
+        )
+    if block_size == 1:
+        return torch_token_attention(q, kv, indices, scale=scale, v_dim=v_dim)
+    out = torch_block_attention(q, kv, indices, scale=scale, v_dim=v_dim, block_size=block_size, query_block=query_block)
+    return out, None

@@ -1,0 +1,43 @@
+import os
+
+os.environ.setdefault("GOMP_SPINCOUNT", "0")
+os.environ.setdefault("WANDB_MODE", "offline")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from hydra import compose, initialize_config_dir  # noqa: E402
+from hydra.core.global_hydra import GlobalHydra  # noqa: E402
+from hydra.core.hydra_config import HydraConfig  # noqa: E402
+from omegaconf import open_dict  # noqa: E402
+
+from adaptive_attn.config import CONF_DIR  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@pytest.fixture
+def compose_cfg(tmp_path):
+    """compose_cfg(overrides) -> the composed training config, as `python -m adaptive_attn.train` sees it."""
+
+    def _compose(overrides=()):
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+            cfg = compose("train", overrides=list(overrides), return_hydra_config=True)
+        with open_dict(cfg):
+            cfg.hydra.runtime.output_dir = str(tmp_path / "run")
+            cfg.hydra.job.num = 0
+        HydraConfig.instance().set_config(cfg)
+        return cfg
+
+    yield _compose
+    GlobalHydra.instance().clear()
+
+
+def tiny_model_kwargs(**overrides):
+    kwargs = dict(vocab_size=50, d_model=32, n_layers=2, n_heads=4, rope_dim=4, kv_rank=16,
+                  moe=dict(n_routed=4, n_shared=1, top_k=2, d_ff_expert=32))
+    kwargs.update(overrides)
+    return kwargs

@@ -1,0 +1,78 @@
+import subprocess
+import sys
+
+import pytest
+import torch
+from hydra.utils import instantiate
+
+from adaptive_attn.config import ConfigError, group_options, validate
+
+CHEAP = ["experiment=quick"]
+
+
+@pytest.mark.parametrize("model", group_options("model"))
+def test_every_model_option_composes_and_builds(compose_cfg, model):
+    cfg = compose_cfg([f"model={model}", *CHEAP])
+    validate(cfg)
+    net = instantiate(cfg.model)
+    logits, _ = net(torch.randint(0, cfg.model.vocab_size, (1, 16)))
+    assert logits.shape == (1, 16, cfg.data.vocab_size)
+
+
+@pytest.mark.parametrize("data", group_options("data"))
+def test_every_data_option_composes_and_builds(compose_cfg, data):
+    cfg = compose_cfg([f"data={data}", *CHEAP])
+    validate(cfg)
+    dm = instantiate(cfg.data)
+    assert dm.seq_len == cfg.seq_len and dm.vocab_size == cfg.model.vocab_size
+
+
+@pytest.mark.parametrize(
+    "group,option",
+    [(g, o) for g in ("trainer", "logger", "callbacks", "experiment") for o in group_options(g)],
+)
+def test_every_other_group_option_composes(compose_cfg, group, option):
+    cfg = compose_cfg([f"{group}={option}"])
+    validate(cfg)
+    if group in ("logger", "callbacks"):
+        for node in (cfg[group] or {}).values():
+            assert instantiate(node) is not None
+    if group == "trainer" and cfg.trainer.accelerator == "cpu":
+        assert instantiate(cfg.trainer, logger=False).max_steps == cfg.trainer.max_steps
+
+
+@pytest.mark.parametrize(
+    "override,needle",
+    [
+        ("seq_len=0", "seq_len=0 is invalid: must be an integer in [2, 65536]"),
+        ("model.n_heads=7", "model.n_heads=7 is invalid: must divide model.d_model=256"),
+        ("model.keep=1.5", "model.keep=1.5 is invalid: must be in (0, 1]"),
+        ("model.sparse.backend=cuda", "model.sparse.backend='cuda' is invalid"),
+        ("data.batch_size=0", "data.batch_size=0 is invalid"),
+    ],
+)
+def test_bad_values_fail_validation_with_one_line(compose_cfg, override, needle):
+    cfg = compose_cfg([override])
+    with pytest.raises(ConfigError) as err:
+        validate(cfg)
+    assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["seq_len=0"], "error: seq_len=0 is invalid: must be an integer in [2, 65536]"),
+        (["model.n_heads=7"], "error: model.n_heads=7 is invalid: must divide model.d_model=256"),
+        (["model=nonsense"], "error: model=nonsense is not an option; choose one of: "),
+        (["data.paths=[/no/such/dir]"], "error: data.paths: /no/such/dir does not exist"),
+    ],
+)
+def test_cli_rejects_bad_values_before_training(tmp_path, args, needle):
+    proc = subprocess.run(
+        [sys.executable, "-m", "adaptive_attn.train", *args, f"hydra.run.dir={tmp_path / 'run'}"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode != 0
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert lines == [lines[0]] and lines[0].startswith(needle), proc.stderr
+    assert not (tmp_path / "run" / "summary.json").exists()

@@ -1,0 +1,89 @@
+import torch
+
+from adaptive_attn.model.llm import DenseMoELLM, FixedSparseMoELLM
+from adaptive_attn.model.mla import MultiHeadLatentAttention
+from adaptive_attn.model.moe import DeepSeekMoE
+from adaptive_attn.model.rope import RotaryEmbedding
+from tests.conftest import tiny_model_kwargs
+
+
+def assert_causal(model, seq_len, vocab=50, batch=2):
+    """Changing tokens after position t must leave logits at <= t bit-identical."""
+    tokens = torch.randint(0, vocab, (batch, seq_len))
+    for mode in (True, False):
+        model.train(mode)
+        with torch.no_grad():
+            base, _ = model(tokens)
+            for t in (0, seq_len // 3, seq_len - 2):
+                changed = tokens.clone()
+                changed[:, t + 1 :] = torch.randint(0, vocab, (batch, seq_len - t - 1))
+                out, _ = model(changed)
+                assert torch.equal(out[:, : t + 1], base[:, : t + 1]), f"position <= {t} saw the future (train={mode})"
+                assert not torch.equal(out[:, t + 1 :], base[:, t + 1 :])
+
+
+def test_dense_model_is_causal_in_float64():
+    assert_causal(DenseMoELLM(**tiny_model_kwargs()).double(), seq_len=40)
+
+
+def test_mla_expanded_and_absorbed_paths_agree():
+    mla = MultiHeadLatentAttention(d_model=48, n_heads=4, head_dim=12, rope_dim=8, v_head_dim=10, kv_rank=20).double()
+    x = torch.randn(3, 37, 48, dtype=torch.float64)
+    cos, sin = RotaryEmbedding(8)(37, torch.float64)
+    parts = mla.project(x, cos, sin)
+    expanded = mla.expanded_attention(*parts)
+    absorbed = mla.up_project(mla.absorbed_attention(*mla.absorb(*parts)))
+    assert expanded.shape == absorbed.shape == (3, 4, 37, 10)
+    assert (expanded - absorbed).abs().max() < 1e-9
+
+
+def test_low_rank_query_mla_runs_and_is_causal():
+    assert_causal(DenseMoELLM(**tiny_model_kwargs(q_rank=16)).double(), seq_len=24)
+
+
+def test_every_parameter_gets_a_gradient():
+    for model in (DenseMoELLM(**tiny_model_kwargs()), FixedSparseMoELLM(**tiny_model_kwargs(), sparse={"warmup_steps": 0})):
+        tokens = torch.randint(0, 50, (4, 32))
+        logits, aux = model(tokens)
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens.flatten()) + sum(aux.values())
+        loss.backward()
+        missing = [n for n, p in model.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
+        assert not missing, missing
+
+
+def expert_load_spread(moe: DeepSeekMoE, x: torch.Tensor, steps: int) -> float:
+    """Coefficient of variation of tokens per expert after `steps` bias updates on a fixed batch."""
+    moe.train()
+    for _ in range(steps):
+        with torch.no_grad():
+            moe(x)
+        moe.update_router_bias()
+    with torch.no_grad():
+        moe(x)
+    load = moe.last_load
+    return float(load.std() / load.mean())
+
+
+def test_aux_free_bias_evens_expert_load():
+    shared_direction = torch.randn(32)
+    x = torch.randn(8, 64, 32) + shared_direction
+
+    def skewed_moe(rate):
+        torch.manual_seed(1)
+        moe = DeepSeekMoE(32, n_routed=8, n_shared=1, top_k=2, d_ff_expert=16, bias_update_rate=rate)
+        with torch.no_grad():
+            moe.router.weight[:2] += 0.2 * shared_direction  # experts 0 and 1 attract most tokens
+        return moe
+
+    unbalanced = expert_load_spread(skewed_moe(0.0), x, steps=200)
+    balanced = expert_load_spread(skewed_moe(0.01), x, steps=200)
+    assert unbalanced > 0.5
+    assert balanced < 0.5 * unbalanced
+
+
+def test_moe_output_of_a_token_ignores_other_tokens():
+    moe = DeepSeekMoE(16, n_routed=4, top_k=2, d_ff_expert=8).double()
+    x = torch.randn(1, 10, 16, dtype=torch.float64)
+    y, _ = moe(x)
+    y_alone, _ = moe(x[:, 3:4])
+    assert torch.allclose(y[:, 3], y_alone[:, 0], atol=1e-12)

@@ -1,0 +1,33 @@
+import json
+from pathlib import Path
+
+from adaptive_attn.train import run
+
+
+def test_quick_text_run_writes_a_complete_summary(compose_cfg):
+    cfg = compose_cfg(["experiment=quick", "model=fixed25", "model.sparse.warmup_steps=2"])
+    summary = run(cfg)
+    on_disk = json.loads((Path(cfg.output_dir) / "summary.json").read_text())
+    assert on_disk["status"] == "ok" and summary["status"] == "ok"
+    for key in ("model", "seq_len", "seed", "val_loss", "tokens_per_s", "peak_mem_bytes", "wall_s", "config", "keep"):
+        assert on_disk[key] is not None, key
+    assert on_disk["model"] == "fixed25" and on_disk["seq_len"] == 64 and on_disk["steps"] == 6
+    assert 0 < on_disk["sparsity"]["sparse/keep_ratio"] < 1
+    assert 0 <= on_disk["sparsity"]["sparse/attn_mass_recall"] <= 1
+    assert (Path(cfg.output_dir) / "checkpoints" / "last.ckpt").exists()
+
+
+def test_quick_mqar_run_reports_answer_accuracy(compose_cfg):
+    cfg = compose_cfg(["experiment=quick", "data=mqar", "model=dense"])
+    summary = run(cfg)
+    assert summary["status"] == "ok" and 0 <= summary["val_acc"] <= 1 and summary["data"] == "mqar"
+
+
+def test_failing_run_is_recorded_as_failed(compose_cfg):
+    cfg = compose_cfg(["experiment=quick", "data=tinystories", "data.name=/nonexistent/dataset"])
+    try:
+        run(cfg)
+    except Exception:
+        pass
+    summary = json.loads((Path(cfg.output_dir) / "summary.json").read_text())
+    assert summary["status"] == "failed" and summary["error"]
