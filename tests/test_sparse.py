@@ -81,7 +81,7 @@ def test_torch_token_backend_equals_reference(L, k, per_query):
     assert (p_ref - p_torch).abs().max() < 1e-12
 
 
-@pytest.mark.parametrize("L,block,qblock,kb", [(64, 8, 8, 3), (100, 8, 16, 2), (33, 4, 12, 100), (256, 16, 32, 4)])
+@pytest.mark.parametrize("L,block,qblock,kb", [(64, 8, 8, 3), (100, 8, 16, 2), (33, 4, 12, 100), (256, 16, 32, 4), (300, 4, 8, 5)])
 def test_torch_block_backend_equals_reference(L, block, qblock, kb):
     B, H, D, v = 2, 3, 10, 6
     q = torch.randn(B, H, L, D, dtype=torch.float64, requires_grad=True)
@@ -164,3 +164,32 @@ def test_fixed_keep_ratio_matches_formula():
     k = math.ceil(keep * L)
     expected = sum(min(k, t + 1) for t in range(L)) / (L * (L + 1) / 2)
     assert abs(float(next(model.sparse_layers()).last_stats["keep_ratio"]) - expected) < 1e-9
+
+
+def test_block_kl_target_matches_a_dense_computation():
+    from adaptive_attn.sparse import losses
+
+    B, H, L, D, block, qblock = 2, 3, 300, 8, 4, 8
+    q, kv = torch.randn(B, H, L, D, dtype=torch.float64), torch.randn(B, L, D, dtype=torch.float64)
+    idx = random_block_selection(B, L, 5, block, qblock)
+    n_qb = idx.shape[1]
+    scores = torch.randn(B, n_qb, n_qb * 2, dtype=torch.float64)
+    got = losses.block_kl_selected(q, kv, scores, idx, scale=0.4, block_size=block, query_block=qblock)
+
+    from adaptive_attn.ops.sparse_attention import selection_mask
+
+    mask = selection_mask(idx, L, block, qblock)
+    probs = (torch.einsum("bhld,bsd->bhls", q, kv) * 0.4).masked_fill(~mask[:, None], float("-inf")).softmax(-1).mean(1)
+    total, rows = 0.0, 0
+    for b in range(B):
+        for qb in range(n_qb):
+            chosen = idx[b, qb][idx[b, qb] >= 0]
+            if not len(chosen):
+                continue
+            rows_q = slice(qb * qblock, min(L, (qb + 1) * qblock))
+            mass = torch.stack([probs[b, rows_q, c * block : (c + 1) * block].sum() for c in chosen])
+            p = mass / mass.sum()
+            log_q = scores[b, qb, chosen].log_softmax(-1)
+            total += float((p * (p.log() - log_q)).sum())
+            rows += 1
+    assert abs(float(got) - total / rows) < 1e-9

@@ -95,7 +95,7 @@ class SparsityStats(L.Callback):
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
         for i, dsa in enumerate(self.layers(pl_module)):
-            for name in ("attn_mass_recall", "keep_ratio"):
+            for name in ("attn_mass_recall", "attn_mass_recall_random", "keep_ratio"):
                 if name in dsa.last_stats:
                     self._val[f"val_sparse/{name}/layer{i}"].append(float(dsa.last_stats[name]))
 
@@ -105,7 +105,7 @@ class SparsityStats(L.Callback):
         if not self._val or trainer.sanity_checking:
             return
         metrics = {k: sum(v) / len(v) for k, v in self._val.items()}
-        for name in ("attn_mass_recall", "keep_ratio"):
+        for name in ("attn_mass_recall", "attn_mass_recall_random", "keep_ratio"):
             vals = [v for k, v in metrics.items() if k.startswith(f"val_sparse/{name}/")]
             if vals:
                 metrics[f"sparse/{name}"] = sum(vals) / len(vals)

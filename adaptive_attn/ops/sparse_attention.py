@@ -86,44 +86,72 @@ def block_layout(seq_len: int, block_size: int, query_block: int) -> tuple[int, 
     return n_qb, query_block // block_size, n_qb * query_block
 
 
-def with_diagonal_blocks(indices: torch.Tensor, blocks_per_query_block: int) -> torch.Tensor:
-    """Append each query block's own key blocks: [B, nQB, K] -> [B, nQB, K + m]"""
+def with_diagonal_blocks(indices: torch.Tensor, blocks_per_query_block: int, first_query_block: int = 0) -> torch.Tensor:
+    """Append each query block's own key blocks: [B, C, K] (query blocks first.. first+C) -> [B, C, K + m]"""
     B, n_qb, _ = indices.shape
     m = blocks_per_query_block
-    diag = torch.arange(n_qb, device=indices.device)[:, None] * m + torch.arange(m, device=indices.device)
+    qb = torch.arange(first_query_block, first_query_block + n_qb, device=indices.device)
+    diag = qb[:, None] * m + torch.arange(m, device=indices.device)
     return torch.cat([indices, diag.expand(B, -1, -1)], dim=-1)
 
 
-def gather_blocks(q, kv, indices, *, block_size, query_block, qb0, qb1):
+def gather_blocks(q, kv, indices, *, block_size, query_block, qb0, qb1, shared_mask=False):
     """Gather the key blocks of query blocks [qb0, qb1) for SDPA.
 
-    -> queries [B*C, H, Q, D], keys [B*C, 1, S, D], attention mask [B*C, 1, Q, S]
+    indices [B, nQB, K] (past blocks; the diagonal blocks are appended here).
+    -> queries [B*C, H, Q, D], keys [B*C, 1, S, D], attention mask [B*C, 1, Q, S].
+    With `shared_mask` (every slot valid) the mask is the same for all rows: [1, 1, Q, S], past
+    blocks fully visible and the diagonal causal, which spares SDPA a per-row mask.
     """
     B, H, Lp, D = q.shape
     m = query_block // block_size
-    blocks = with_diagonal_blocks(indices[:, qb0:qb1], m)  # [B, C, Kb]
+    blocks = with_diagonal_blocks(indices[:, qb0:qb1], m, qb0)  # [B, C, Kb]
     C, Kb = blocks.shape[1], blocks.shape[2]
     kv_blocks = kv.view(B, -1, block_size, D)
     flat = blocks.clamp(min=0).reshape(B, C * Kb, 1, 1).expand(-1, -1, block_size, D)
     keys = kv_blocks.gather(1, flat).view(B * C, 1, Kb * block_size, D)
+    queries = q[:, :, qb0 * query_block : qb1 * query_block].reshape(B, H, C, query_block, D).transpose(1, 2)
+    queries = queries.reshape(B * C, H, query_block, D)
+    arange_q = torch.arange(query_block, device=q.device)
+    if shared_mask:
+        past = torch.ones(query_block, (Kb - m) * block_size, dtype=torch.bool, device=q.device)
+        mask = torch.cat([past, arange_q[None, :] <= arange_q[:, None]], dim=1)
+        return queries, keys, mask[None, None]
     key_pos = (blocks[..., None] * block_size + torch.arange(block_size, device=q.device)).view(B, C, -1)
     key_ok = (blocks >= 0)[..., None].expand(-1, -1, -1, block_size).reshape(B, C, -1)
-    q_pos = (torch.arange(qb0, qb1, device=q.device)[:, None] * query_block + torch.arange(query_block, device=q.device))
+    q_pos = torch.arange(qb0, qb1, device=q.device)[:, None] * query_block + arange_q
     mask = key_ok[:, :, None, :] & (key_pos[:, :, None, :] <= q_pos[None, :, :, None])
-    queries = q[:, :, qb0 * query_block : qb1 * query_block].reshape(B, H, C, query_block, D).transpose(1, 2)
-    return queries.reshape(B * C, H, query_block, D), keys, mask.view(B * C, 1, query_block, -1)
+    return queries, keys, mask.view(B * C, 1, query_block, -1)
+
+
+def query_block_groups(indices: torch.Tensor, chunk_size: int) -> list[tuple[int, int, int]]:
+    """Consecutive query blocks sharing one number of used slots -> [(qb0, qb1, slots)], at most
+    `chunk_size` blocks each. Slots beyond a group's count are unused in all its rows, so its gather
+    and attention stop there: compute follows the realised k, also where early blocks have few
+    predecessors."""
+    used = (indices >= 0).sum(-1).amax(0).tolist()  # [nQB], valid slots come first
+    groups: list[tuple[int, int, int]] = []
+    for qb, n in enumerate(used):
+        if groups and groups[-1][2] == n and qb - groups[-1][0] < chunk_size:
+            groups[-1] = (groups[-1][0], qb + 1, n)
+        else:
+            groups.append((qb, qb + 1, n))
+    return groups
 
 
 def torch_block_attention(q, kv, indices, *, scale, v_dim, block_size, query_block, chunk_size=16) -> torch.Tensor:
     """Block-sparse attention over gathered blocks with fused SDPA -> [B, H, L, v_dim]."""
     B, H, L, D = q.shape
-    n_qb, _, Lp = block_layout(L, block_size, query_block)
+    _, _, Lp = block_layout(L, block_size, query_block)
     q = F.pad(q, (0, 0, 0, Lp - L))
     kv = F.pad(kv, (0, 0, 0, Lp - L))
     outs = []
-    for qb0 in range(0, n_qb, chunk_size):
-        qb1 = min(qb0 + chunk_size, n_qb)
-        queries, keys, mask = gather_blocks(q, kv, indices, block_size=block_size, query_block=query_block, qb0=qb0, qb1=qb1)
+    for qb0, qb1, slots in query_block_groups(indices, chunk_size):
+        trimmed = indices[:, :, :slots]
+        shared = bool((trimmed[:, qb0:qb1] >= 0).all())
+        queries, keys, mask = gather_blocks(
+            q, kv, trimmed, block_size=block_size, query_block=query_block, qb0=qb0, qb1=qb1, shared_mask=shared
+        )
         o = F.scaled_dot_product_attention(queries, keys, keys, attn_mask=mask, scale=scale, enable_gqa=True)
         outs.append(o.view(B, qb1 - qb0, H, query_block, D).transpose(1, 2).reshape(B, H, -1, D))
     return torch.cat(outs, dim=2)[:, :, :L, :v_dim]

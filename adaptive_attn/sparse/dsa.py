@@ -43,16 +43,19 @@ class DeepSeekSparseAttention(nn.Module):
     def token_level(self) -> bool:
         return self.block_size == 1
 
-    def select(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | int]:
-        """x: [B, L, D] (detached) -> (indexer scores, selected indices, k in tokens)"""
+    def select(self, x: torch.Tensor, scores=None, k=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | int]:
+        """x: [B, L, D] (detached) -> (indexer scores, selected indices, k in tokens).
+
+        `scores` and `k` replace the indexer's scores and the budget's k when given.
+        """
         L = x.shape[1]
         if self.token_level:
-            scores = self.indexer.token_scores(x)
-            k = self.budget(x, scores)
+            scores = self.indexer.token_scores(x) if scores is None else scores
+            k = self.budget(x, scores) if k is None else k
             n_eligible = torch.arange(1, L + 1, device=x.device)
             return scores, self.selector(scores, k, n_eligible, include_last=True), k
-        scores = self.indexer.block_scores(x, self.block_size, self.query_block)
-        k = self.budget(x, scores)
+        scores = self.indexer.block_scores(x, self.block_size, self.query_block) if scores is None else scores
+        k = self.budget(x, scores) if k is None else k
         n_qb, m, _ = block_layout(L, self.block_size, self.query_block)
         # the diagonal blocks are always attended; the rest of the budget goes to earlier blocks
         past_blocks = (torch.as_tensor(k, device=x.device) + self.block_size - 1) // self.block_size - m
@@ -80,9 +83,10 @@ class DeepSeekSparseAttention(nn.Module):
             kl = losses.block_kl_selected(q.detach(), kv.detach(), scores, indices, scale=scale, **layout)
         self.last_stats = {"indexer_kl": kl.detach(), **self.selection_stats(indices, k, x.shape[1])}
         if self.track_recall:
-            self.last_stats["attn_mass_recall"] = losses.attention_mass_recall(
-                q.detach(), kv.detach(), indices, scale=scale, **layout
-            )
+            # baseline: the same number of positions per query, chosen at random among the eligible
+            random_indices = self.select(x, scores=torch.rand_like(scores), k=k)[1]
+            for name, chosen in (("attn_mass_recall", indices), ("attn_mass_recall_random", random_indices)):
+                self.last_stats[name] = losses.attention_mass_recall(q.detach(), kv.detach(), chosen, scale=scale, **layout)
         return out, {"indexer_kl": kl}
 
     @torch.no_grad()

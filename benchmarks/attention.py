@@ -1,0 +1,147 @@
+"""Op-level benchmark: a full DSA layer (indexer + top-k selection + sparse attention) vs dense causal SDPA.
+
+Both sides are timed in the same process on the same device; the table reports ratios
+(sparse / dense, < 1 is faster). Sparse attention runs in MLA's MQA mode: all H heads share the
+selected latent rows (dim d_h here, to match the dense per-head dim).
+
+    GOMP_SPINCOUNT=0 python benchmarks/attention.py --lengths 1024 2048 --keeps 0.25 0.5 --ks 64 \
+        --modes token block --json results/attention_cpu.json
+"""
+
+import argparse
+import json
+import math
+import platform
+import time
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from adaptive_attn.ops.sparse_attention import block_layout, sparse_attention
+from adaptive_attn.sparse.indexer import LightningIndexer
+from adaptive_attn.sparse.selector import TopKTokenSelector
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def timeit(fn, device: torch.device, repeats: int, warmup: int = 1) -> float:
+    """Median wall time of fn() in ms."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(1000 * (time.perf_counter() - start))
+    return sorted(times)[len(times) // 2]
+
+
+class SparseLayer(torch.nn.Module):
+    """Indexer -> causal top-k -> sparse attention, as inside a DSA layer (without the KL)."""
+
+    def __init__(self, d_model, block_size, query_block, backend, indexer_heads, indexer_dim):
+        super().__init__()
+        self.indexer = LightningIndexer(d_model, n_heads=indexer_heads, head_dim=indexer_dim, rope_dim=min(16, indexer_dim))
+        self.selector = TopKTokenSelector()
+        self.block_size, self.query_block, self.backend = block_size, query_block, backend
+
+    def forward(self, x, q, kv, k: int):
+        L = x.shape[1]
+        if self.block_size == 1:
+            scores = self.indexer.token_scores(x)
+            idx = self.selector(scores, k, torch.arange(1, L + 1, device=x.device))
+        else:
+            scores = self.indexer.block_scores(x, self.block_size, self.query_block)
+            n_qb, m, _ = block_layout(L, self.block_size, self.query_block)
+            past = max(math.ceil(k / self.block_size) - m, 0)
+            idx = self.selector(scores, past, torch.arange(n_qb, device=x.device) * m, include_last=False)
+        out, _ = sparse_attention(
+            q, kv, idx, scale=q.shape[-1] ** -0.5, v_dim=q.shape[-1],
+            block_size=self.block_size, query_block=self.query_block, backend=self.backend,
+        )
+        return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--lengths", type=int, nargs="+", default=[256, 512, 1024, 2048, 4096])
+    p.add_argument("--keeps", type=float, nargs="+", default=[0.25, 0.5, 0.75])
+    p.add_argument("--ks", type=int, nargs="+", default=[64])
+    p.add_argument("--modes", nargs="+", choices=["token", "block"], default=["token", "block"])
+    p.add_argument("--passes", nargs="+", choices=["fwd", "fwdbwd"], default=["fwd", "fwdbwd"])
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--head-dim", type=int, default=32)
+    p.add_argument("--d-model", type=int, default=256)
+    p.add_argument("--indexer-heads", type=int, default=4)
+    p.add_argument("--indexer-dim", type=int, default=32)
+    p.add_argument("--block-size", type=int, default=64)
+    p.add_argument("--query-block", type=int, default=64)
+    p.add_argument("--backend", default="auto")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--json", help="write the records to this path")
+    args = p.parse_args()
+
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    torch.manual_seed(0)
+    B, H, D = args.batch, args.heads, args.head_dim
+    layers = {
+        "token": SparseLayer(args.d_model, 1, 1, args.backend, args.indexer_heads, args.indexer_dim),
+        "block": SparseLayer(args.d_model, args.block_size, args.query_block, args.backend, args.indexer_heads, args.indexer_dim),
+    }
+    for layer in layers.values():
+        layer.to(device, dtype)
+    budgets = [("keep", keep) for keep in args.keeps] + [("k", k) for k in args.ks]
+    jobs = [(L, mode, budget, ps) for L in args.lengths for ps in args.passes for mode in args.modes for budget in budgets]
+    records, dense_ms = [], {}
+    for L, mode, (kind, value), ps in tqdm(jobs, desc="benchmark"):
+        x = torch.randn(B, L, args.d_model, device=device, dtype=dtype)
+        q = torch.randn(B, H, L, D, device=device, dtype=dtype, requires_grad=ps == "fwdbwd")
+        kv = torch.randn(B, L, D, device=device, dtype=dtype, requires_grad=ps == "fwdbwd")
+        k = min(L, math.ceil(value * L)) if kind == "keep" else min(L, int(value))
+
+        def run(fn):
+            if ps == "fwd":
+                with torch.no_grad():
+                    fn()
+            else:
+                fn().float().sum().backward()
+
+        if (L, ps) not in dense_ms:
+            qd = torch.randn(B, H, L, D, device=device, dtype=dtype, requires_grad=ps == "fwdbwd")
+            kd, vd = (torch.randn_like(qd).requires_grad_(ps == "fwdbwd") for _ in range(2))
+            dense_ms[(L, ps)] = timeit(
+                lambda: run(lambda: F.scaled_dot_product_attention(qd, kd, vd, is_causal=True)), device, args.repeats
+            )
+        ms = timeit(lambda: run(lambda: layers[mode](x, q, kv, k)), device, args.repeats)
+        records.append({
+            "mode": mode, "L": L, kind: value, "k": k, "pass": ps, "ms": round(ms, 3),
+            "dense_ms": round(dense_ms[(L, ps)], 3), "ratio_vs_dense": round(ms / dense_ms[(L, ps)], 3),
+            "device": device_name(device), "dtype": args.dtype, "B": B, "H": H, "d_h": D,
+            **({"block_size": args.block_size, "query_block": args.query_block} if mode == "block" else {}),
+        })
+
+    print(f"\ndevice: {device_name(device)}  dtype: {args.dtype}  B={B} H={H} d_h={D}  "
+          f"(ratio = full sparse layer / dense causal SDPA; < 1 is faster)")
+    print(f"{'mode':6} {'pass':7} {'L':>6} {'budget':>11} {'ms':>9} {'dense ms':>9} {'ratio':>7}")
+    for r in records:
+        budget = f"keep {r['keep']:.2f}" if "keep" in r else f"k {r['k']}"
+        print(f"{r['mode']:6} {r['pass']:7} {r['L']:>6} {budget:>11} {r['ms']:>9.1f} {r['dense_ms']:>9.1f} {r['ratio_vs_dense']:>7.3f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(records, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
