@@ -6,6 +6,7 @@ import time
 from collections import defaultdict
 
 import lightning as L
+import pandas as pd
 import torch
 
 
@@ -58,56 +59,84 @@ class SpeedMonitor(L.Callback):
         self.tokens, self.seconds, self.steps = state["tokens"], state["seconds"], state["steps"]
 
 
+def layer_scalars(pl_module) -> dict[str, dict[int, float]]:
+    """{stat name: {layer: value}} for every scalar statistic the DSA layers recorded last."""
+    stats: dict[str, dict[int, float]] = defaultdict(dict)
+    for i, dsa in enumerate(pl_module.model.sparse_layers()):
+        for name, value in dsa.last_stats.items():
+            if torch.is_tensor(value) and value.numel() == 1:
+                stats[name][i] = float(value)
+    return stats
+
+
+def with_layer_means(prefix: str, stats: dict[str, dict[int, float]]) -> dict[str, float]:
+    flat = {}
+    for name, per_layer in stats.items():
+        flat.update({f"{prefix}/{name}/layer{i}": v for i, v in per_layer.items()})
+        flat[f"{prefix}/{name}"] = sum(per_layer.values()) / len(per_layer)
+    return flat
+
+
 class SparsityStats(L.Callback):
-    """Per-layer DSA statistics: realised keep ratio, k, indexer KL every `log_every_n_steps` training
-    steps, and attention-mass recall (share of dense attention mass inside the selection) over the
-    validation set."""
+    """Per-layer DSA statistics every `log_every_n_steps` training steps (realised keep ratio, mean
+    k / L, k mean/std/min/max, indexer KL, budget multiplier or top-p, controller factors) and, over the
+    validation set, attention-mass recall (share of the dense attention mass inside the selection)
+    against a random selection of the same size."""
 
     def __init__(self, log_every_n_steps: int = 10, recall_on_validation: bool = True):
         self.log_every, self.recall_on_validation = log_every_n_steps, recall_on_validation
-        self._val: dict[str, list[float]] = defaultdict(list)
+        self._val: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+        self._difficulty: list[tuple[int, float]] = []
         self.last: dict[str, float] = {}
-
-    @staticmethod
-    def layers(pl_module) -> list:
-        return list(pl_module.model.sparse_layers())
+        self.k_vs_difficulty: pd.DataFrame | None = None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if trainer.global_step % self.log_every:
             return
-        metrics = {}
-        for i, dsa in enumerate(self.layers(pl_module)):
-            for name in ("keep_ratio", "k_mean", "indexer_kl"):
-                if name in dsa.last_stats:
-                    metrics[f"sparse/{name}/layer{i}"] = float(dsa.last_stats[name])
+        metrics = with_layer_means("sparse", layer_scalars(pl_module))
+        for i, dsa in enumerate(pl_module.model.sparse_layers()):
+            k = dsa.last_stats.get("k_per_sequence")
+            if k is not None and k.numel() > 1:
+                metrics.update({f"sparse/k_std/layer{i}": float(k.std()), f"sparse/k_min/layer{i}": float(k.min()),
+                                f"sparse/k_max/layer{i}": float(k.max())})
         if metrics:
-            for name in ("keep_ratio", "k_mean", "indexer_kl"):
-                vals = [v for k, v in metrics.items() if k.startswith(f"sparse/{name}/")]
-                if vals:
-                    metrics[f"sparse/{name}"] = sum(vals) / len(vals)
             pl_module.log_dict(metrics)
             self.last.update(metrics)
 
     def on_validation_epoch_start(self, trainer, pl_module):
         self._val.clear()
-        for dsa in self.layers(pl_module):
+        for dsa in pl_module.model.sparse_layers():
             dsa.track_recall = self.recall_on_validation
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
-        for i, dsa in enumerate(self.layers(pl_module)):
-            for name in ("attn_mass_recall", "attn_mass_recall_random", "keep_ratio"):
-                if name in dsa.last_stats:
-                    self._val[f"val_sparse/{name}/layer{i}"].append(float(dsa.last_stats[name]))
+        for name, per_layer in layer_scalars(pl_module).items():
+            for i, v in per_layer.items():
+                self._val[name][i].append(v)
 
     def on_validation_epoch_end(self, trainer, pl_module):
-        for dsa in self.layers(pl_module):
+        for dsa in pl_module.model.sparse_layers():
             dsa.track_recall = False
         if not self._val or trainer.sanity_checking:
             return
-        metrics = {k: sum(v) / len(v) for k, v in self._val.items()}
-        for name in ("attn_mass_recall", "attn_mass_recall_random", "keep_ratio"):
-            vals = [v for k, v in metrics.items() if k.startswith(f"val_sparse/{name}/")]
-            if vals:
-                metrics[f"sparse/{name}"] = sum(vals) / len(vals)
+        means = {name: {i: sum(v) / len(v) for i, v in per_layer.items()} for name, per_layer in self._val.items()}
+        metrics = with_layer_means("val_sparse", means)
         pl_module.log_dict(metrics)
         self.last.update(metrics)
+
+    def on_test_epoch_start(self, trainer, pl_module):
+        self._difficulty.clear()
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        """MQAR: pair each sequence's k (mean over its queries and the layers) with its difficulty."""
+        ks = [dsa.last_stats["k_per_sequence"] for dsa in pl_module.model.sparse_layers() if "k_per_sequence" in dsa.last_stats]
+        if "n_pairs" in batch and ks:
+            k = torch.stack(ks).mean(0)
+            self._difficulty.extend(zip(batch["n_pairs"].tolist(), k.tolist()))
+
+    def on_test_epoch_end(self, trainer, pl_module):
+        if not self._difficulty:
+            return
+        self.k_vs_difficulty = pd.DataFrame(self._difficulty, columns=["n_pairs", "k"])
+        rho = self.k_vs_difficulty["n_pairs"].corr(self.k_vs_difficulty["k"], method="spearman")
+        self.last["test_sparse/k_difficulty_spearman"] = float(rho) if rho == rho else 0.0  # NaN when k is constant
+        pl_module.log("test_sparse/k_difficulty_spearman", self.last["test_sparse/k_difficulty_spearman"])

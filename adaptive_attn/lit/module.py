@@ -63,7 +63,7 @@ class SparseLMModule(L.LightningModule):
         return loss
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        self.model.update_router_bias()
+        self.model.after_training_step()
 
     def _eval_step(self, batch) -> None:
         loss, _, logits, targets = self.lm_loss(batch)

@@ -2,7 +2,8 @@
 
 No absolute position embedding: positions enter through RoPE inside MLA (and the indexer).
 Variants differ only in their attention: `DenseMoELLM` (no indexer), `FixedSparseMoELLM` (DSA with a
-fixed keep ratio) and, in `adaptive_attn.model.adaptive`, `AdaptiveMoELLM`.
+fixed keep ratio) and `AdaptiveMoELLM` (DSA with an adaptive budget: the `DynamicSparsityController`
+or `AdaptiveTopP`).
 """
 
 from collections.abc import Callable, Iterator
@@ -106,9 +107,12 @@ class MoELLM(nn.Module):
         for dsa in self.sparse_layers():
             dsa.sparse_active.fill_(step >= dsa.warmup_steps)
 
-    def update_router_bias(self) -> None:
+    def after_training_step(self) -> None:
+        """Non-gradient updates after each optimiser step: MoE router biases and sparse budgets."""
         for block in self.blocks:
             block.moe.update_router_bias()
+        for dsa in self.sparse_layers():
+            dsa.after_step()
 
 
 class DenseMoELLM(MoELLM):
@@ -123,3 +127,11 @@ class FixedSparseMoELLM(MoELLM):
 
     def __init__(self, vocab_size: int, keep: float = 0.25, sparse: dict | None = None, **kwargs):
         super().__init__(vocab_size, sparse=sparse, budget=partial(FixedBudget, keep), **kwargs)
+
+
+class AdaptiveMoELLM(MoELLM):
+    """DSA whose k adapts per query: `budget` builds one policy per layer (a `_partial_` config of
+    `DynamicSparsityController` or `AdaptiveTopP`), held at a mean keep target for equal compute."""
+
+    def __init__(self, vocab_size: int, budget: Callable[[], nn.Module], sparse: dict | None = None, **kwargs):
+        super().__init__(vocab_size, sparse=sparse, budget=budget, **kwargs)

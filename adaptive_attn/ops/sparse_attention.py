@@ -45,12 +45,27 @@ def selection_mask(indices: torch.Tensor, seq_len: int, block_size: int = 1, que
     return (mask | diagonal) & causal
 
 
-def reference_sparse_attention(q, kv, indices, *, scale, v_dim, block_size=1, query_block=1):
+def dense_slot_gate(slot_gate: torch.Tensor, indices, seq_len: int, block_size=1, query_block=1) -> torch.Tensor:
+    """Per-slot gates [B, R, K] -> per (query, key) gates [B, L, L] (1 where no slot names the key)."""
+    B, R, K = indices.shape
+    if block_size > 1:  # a block slot gates all its keys, for every query of the query block
+        n_kb = -(-seq_len // query_block) * (query_block // block_size)
+        per_block = torch.ones(B, R, n_kb + 1, dtype=slot_gate.dtype, device=slot_gate.device)
+        per_block = per_block.scatter(-1, indices.masked_fill(indices < 0, n_kb), slot_gate)[..., :n_kb]
+        pos = torch.arange(seq_len, device=indices.device)
+        return per_block[:, pos // query_block][:, :, pos // block_size]
+    gate = torch.ones(B, R, seq_len + 1, dtype=slot_gate.dtype, device=slot_gate.device)
+    return gate.scatter(-1, indices.masked_fill(indices < 0, seq_len), slot_gate)[..., :seq_len]
+
+
+def reference_sparse_attention(q, kv, indices, *, scale, v_dim, block_size=1, query_block=1, slot_gate=None):
     """Dense masked attention: q [B, H, L, D], kv [B, L, D] -> (out [B, H, L, v_dim], slot probs or None)"""
-    mask = selection_mask(indices, q.shape[2], block_size, query_block)
+    L = q.shape[2]
+    mask = selection_mask(indices, L, block_size, query_block)
     scores = torch.einsum("bhld,bsd->bhls", q, kv) * scale
     probs = scores.masked_fill(~mask[:, None], float("-inf")).softmax(-1)
-    out = torch.einsum("bhls,bsv->bhlv", probs, kv[..., :v_dim])
+    weights = probs if slot_gate is None else probs * dense_slot_gate(slot_gate, indices, L, block_size, query_block)[:, None]
+    out = torch.einsum("bhls,bsv->bhlv", weights, kv[..., :v_dim])
     if block_size > 1:
         return out, None
     slot_probs = probs.detach().mean(1).gather(-1, indices.clamp(min=0)) * (indices >= 0)
@@ -64,20 +79,34 @@ def gather_rows(kv: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     return kv.gather(1, flat).view(B, T, K, -1)
 
 
-def torch_token_attention(q, kv, indices, *, scale, v_dim, chunk_size=128):
-    """Gather-based token-level sparse attention -> (out [B, H, L, v_dim], slot probs [B, L, K])."""
+def torch_token_attention(q, kv, indices, *, scale, v_dim, slot_gate=None, chunk_size=128):
+    """Gather-based token-level sparse attention -> (out [B, H, L, v_dim], slot probs [B, L, K]).
+
+    Each chunk of queries gathers only as many slots as its queries use, per sequence when the
+    sequences' k differ, so compute follows each sequence's (and each query's) own k.
+    """
     B, H, L, D = q.shape
-    outs, slot_probs = [], indices.new_zeros(indices.shape, dtype=q.dtype)
-    for c0 in range(0, L, chunk_size):
-        c1 = min(c0 + chunk_size, L)
-        idx = indices[:, c0:c1, :c1]  # a query t has at most t + 1 valid slots, and they come first
-        rows = gather_rows(kv, idx)  # [B, C, K, D]
-        scores = torch.einsum("bhcd,bckd->bhck", q[:, :, c0:c1], rows) * scale
-        probs = scores.masked_fill((idx < 0)[:, None], float("-inf")).softmax(-1)
-        slot_probs[:, c0:c1, : idx.shape[-1]] = probs.detach().mean(1)
-        # values are the rows' first v_dim columns; slicing the output is cheaper than the rows' gradient
-        outs.append(torch.einsum("bhck,bckv->bhcv", probs, rows)[..., :v_dim])
-    return torch.cat(outs, dim=2), slot_probs
+    used = (indices >= 0).sum(-1)  # [B, L]; valid slots come first
+    per_sequence = B > 1 and bool((used != used[:1]).any())
+    groups = [slice(b, b + 1) for b in range(B)] if per_sequence else [slice(0, B)]
+    slot_probs = q.new_zeros(indices.shape)
+    outs = []
+    for rows_b in groups:
+        chunks = []
+        for c0 in range(0, L, chunk_size):
+            c1 = min(c0 + chunk_size, L)
+            n = max(int(used[rows_b, c0:c1].max()), 1)
+            idx = indices[rows_b, c0:c1, :n]
+            rows = gather_rows(kv[rows_b], idx)  # [b, C, n, D]
+            logits = torch.einsum("bhcd,bckd->bhck", q[rows_b, :, c0:c1], rows) * scale
+            probs = logits.masked_fill((idx < 0)[:, None], float("-inf")).softmax(-1)
+            slot_probs[rows_b, c0:c1, :n] = probs.detach().mean(1)
+            if slot_gate is not None:
+                probs = probs * slot_gate[rows_b, c0:c1, None, :n].transpose(1, 2)
+            # values are the rows' first v_dim columns; slicing the output is cheaper than the rows' gradient
+            chunks.append(torch.einsum("bhck,bckv->bhcv", probs, rows)[..., :v_dim])
+        outs.append(torch.cat(chunks, dim=2))
+    return torch.cat(outs, dim=0), slot_probs
 
 
 def block_layout(seq_len: int, block_size: int, query_block: int) -> tuple[int, int, int]:
@@ -95,11 +124,12 @@ def with_diagonal_blocks(indices: torch.Tensor, blocks_per_query_block: int, fir
     return torch.cat([indices, diag.expand(B, -1, -1)], dim=-1)
 
 
-def gather_blocks(q, kv, indices, *, block_size, query_block, qb0, qb1, shared_mask=False):
+def gather_blocks(q, kv, indices, *, block_size, query_block, qb0, qb1, shared_mask=False, slot_gate=None):
     """Gather the key blocks of query blocks [qb0, qb1) for SDPA.
 
     indices [B, nQB, K] (past blocks; the diagonal blocks are appended here).
-    -> queries [B*C, H, Q, D], keys [B*C, 1, S, D], attention mask [B*C, 1, Q, S].
+    -> queries [B*C, H, Q, D], keys [B*C, 1, S, D], values (keys times the slot gates, if any),
+    attention mask [B*C, 1, Q, S].
     With `shared_mask` (every slot valid) the mask is the same for all rows: [1, 1, Q, S], past
     blocks fully visible and the diagonal causal, which spares SDPA a per-row mask.
     """
@@ -110,28 +140,31 @@ def gather_blocks(q, kv, indices, *, block_size, query_block, qb0, qb1, shared_m
     kv_blocks = kv.view(B, -1, block_size, D)
     flat = blocks.clamp(min=0).reshape(B, C * Kb, 1, 1).expand(-1, -1, block_size, D)
     keys = kv_blocks.gather(1, flat).view(B * C, 1, Kb * block_size, D)
+    values = keys
+    if slot_gate is not None:
+        gate = torch.cat([slot_gate[:, qb0:qb1], slot_gate.new_ones(B, C, m)], dim=-1)  # diagonal ungated
+        values = keys * gate.repeat_interleave(block_size, dim=-1).view(B * C, 1, -1, 1)
     queries = q[:, :, qb0 * query_block : qb1 * query_block].reshape(B, H, C, query_block, D).transpose(1, 2)
     queries = queries.reshape(B * C, H, query_block, D)
     arange_q = torch.arange(query_block, device=q.device)
     if shared_mask:
         past = torch.ones(query_block, (Kb - m) * block_size, dtype=torch.bool, device=q.device)
         mask = torch.cat([past, arange_q[None, :] <= arange_q[:, None]], dim=1)
-        return queries, keys, mask[None, None]
+        return queries, keys, values, mask[None, None]
     key_pos = (blocks[..., None] * block_size + torch.arange(block_size, device=q.device)).view(B, C, -1)
     key_ok = (blocks >= 0)[..., None].expand(-1, -1, -1, block_size).reshape(B, C, -1)
     q_pos = torch.arange(qb0, qb1, device=q.device)[:, None] * query_block + arange_q
     mask = key_ok[:, :, None, :] & (key_pos[:, :, None, :] <= q_pos[None, :, :, None])
-    return queries, keys, mask.view(B * C, 1, query_block, -1)
+    return queries, keys, values, mask.view(B * C, 1, query_block, -1)
 
 
-def query_block_groups(indices: torch.Tensor, chunk_size: int) -> list[tuple[int, int, int]]:
+def query_block_groups(used: torch.Tensor, chunk_size: int) -> list[tuple[int, int, int]]:
     """Consecutive query blocks sharing one number of used slots -> [(qb0, qb1, slots)], at most
-    `chunk_size` blocks each. Slots beyond a group's count are unused in all its rows, so its gather
-    and attention stop there: compute follows the realised k, also where early blocks have few
-    predecessors."""
-    used = (indices >= 0).sum(-1).amax(0).tolist()  # [nQB], valid slots come first
+    `chunk_size` blocks each. used: [nQB] slots in use (valid slots come first). Slots beyond a
+    group's count are unused in all its rows, so its gather and attention stop there: compute follows
+    the realised k, also where early blocks have few predecessors."""
     groups: list[tuple[int, int, int]] = []
-    for qb, n in enumerate(used):
+    for qb, n in enumerate(used.tolist()):
         if groups and groups[-1][2] == n and qb - groups[-1][0] < chunk_size:
             groups[-1] = (groups[-1][0], qb + 1, n)
         else:
@@ -139,22 +172,33 @@ def query_block_groups(indices: torch.Tensor, chunk_size: int) -> list[tuple[int
     return groups
 
 
-def torch_block_attention(q, kv, indices, *, scale, v_dim, block_size, query_block, chunk_size=16) -> torch.Tensor:
-    """Block-sparse attention over gathered blocks with fused SDPA -> [B, H, L, v_dim]."""
+def torch_block_attention(q, kv, indices, *, scale, v_dim, block_size, query_block, slot_gate=None, chunk_size=16):
+    """Block-sparse attention over gathered blocks with fused SDPA -> [B, H, L, v_dim].
+
+    Sequences whose selections use different numbers of blocks are processed one by one, so each
+    sequence's compute follows its own k.
+    """
     B, H, L, D = q.shape
     _, _, Lp = block_layout(L, block_size, query_block)
     q = F.pad(q, (0, 0, 0, Lp - L))
     kv = F.pad(kv, (0, 0, 0, Lp - L))
+    used = (indices >= 0).sum(-1)  # [B, nQB]
+    per_sequence = B > 1 and bool((used != used[:1]).any())
     outs = []
-    for qb0, qb1, slots in query_block_groups(indices, chunk_size):
-        trimmed = indices[:, :, :slots]
-        shared = bool((trimmed[:, qb0:qb1] >= 0).all())
-        queries, keys, mask = gather_blocks(
-            q, kv, trimmed, block_size=block_size, query_block=query_block, qb0=qb0, qb1=qb1, shared_mask=shared
-        )
-        o = F.scaled_dot_product_attention(queries, keys, keys, attn_mask=mask, scale=scale, enable_gqa=True)
-        outs.append(o.view(B, qb1 - qb0, H, query_block, D).transpose(1, 2).reshape(B, H, -1, D))
-    return torch.cat(outs, dim=2)[:, :, :L, :v_dim]
+    for rows_b in ([slice(b, b + 1) for b in range(B)] if per_sequence else [slice(0, B)]):
+        nb = q[rows_b].shape[0]
+        chunks = []
+        for qb0, qb1, slots in query_block_groups(used[rows_b].amax(0), chunk_size):
+            trimmed = indices[rows_b, :, :slots]
+            gate = None if slot_gate is None else slot_gate[rows_b, :, :slots]
+            queries, keys, values, mask = gather_blocks(
+                q[rows_b], kv[rows_b], trimmed, block_size=block_size, query_block=query_block, qb0=qb0, qb1=qb1,
+                shared_mask=bool((trimmed[:, qb0:qb1] >= 0).all()), slot_gate=gate,
+            )
+            o = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, scale=scale, enable_gqa=True)
+            chunks.append(o.view(nb, qb1 - qb0, H, query_block, D).transpose(1, 2).reshape(nb, H, -1, D))
+        outs.append(torch.cat(chunks, dim=2))
+    return torch.cat(outs, dim=0)[:, :, :L, :v_dim]
 
 
 def sparse_attention(
@@ -167,18 +211,19 @@ def sparse_attention(
     block_size: int = 1,
     query_block: int = 1,
     backend: str = "torch",
+    slot_gate: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """q [B, H, L, D], kv [B, L, D], indices (see module doc) -> (out [B, H, L, v_dim], slot probs)
 
+    `slot_gate` ([B, R, K], same shape as indices) multiplies each slot's attention weight; it is
+    exactly 1 in the forward pass of the soft rank mask and only carries gradient to the budget.
     Token mode also returns the head-averaged attention probabilities of each selected slot
     ([B, L, K], detached; the indexer's KL target), block mode None.
     """
     backend = resolve_backend(backend, q.device)
+    layout = dict(block_size=block_size, query_block=query_block)
     if backend == "reference":
-        return reference_sparse_attention(
-            q, kv, indices, scale=scale, v_dim=v_dim, block_size=block_size, query_block=query_block
-        )
+        return reference_sparse_attention(q, kv, indices, scale=scale, v_dim=v_dim, slot_gate=slot_gate, **layout)
     if block_size == 1:
-        return torch_token_attention(q, kv, indices, scale=scale, v_dim=v_dim)
-    out = torch_block_attention(q, kv, indices, scale=scale, v_dim=v_dim, block_size=block_size, query_block=query_block)
-    return out, None
+        return torch_token_attention(q, kv, indices, scale=scale, v_dim=v_dim, slot_gate=slot_gate)
+    return torch_block_attention(q, kv, indices, scale=scale, v_dim=v_dim, slot_gate=slot_gate, **layout), None

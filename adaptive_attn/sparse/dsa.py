@@ -4,6 +4,11 @@ Lives inside an MLA layer and receives its absorbed queries and shared latent ro
 detached copy of the hidden state, so the LM loss trains the model and the indexer KL trains the
 indexer. Until `sparse_active` is switched on (after `warmup_steps`, by the training module), it only
 trains the indexer on full causal rows and the layer attends densely.
+
+A budget that returns a differentiable k (the adaptive controller) is trained by the LM loss through a
+soft rank gate: slot j (the j-th best selected position) is weighted by
+g_j = 1 + sigmoid((k - j - 1/2) / tau) - stop_grad(sigmoid(...)), exactly 1 in the forward pass (so the
+computation is the hard top-k) while its gradient tells k how much the boundary positions matter.
 """
 
 import torch
@@ -24,6 +29,7 @@ class DeepSeekSparseAttention(nn.Module):
         query_block: int | None = None,
         backend: str = "auto",
         warmup_steps: int = 0,
+        soft_rank_tau: float = 0.1,
     ):
         super().__init__()
         query_block = query_block or block_size
@@ -34,7 +40,7 @@ class DeepSeekSparseAttention(nn.Module):
         resolve_backend(backend, torch.device("cpu"))
         self.indexer, self.budget, self.selector = indexer, budget, TopKTokenSelector()
         self.block_size, self.query_block, self.backend = block_size, query_block, backend
-        self.warmup_steps = warmup_steps
+        self.warmup_steps, self.soft_rank_tau = warmup_steps, soft_rank_tau
         self.register_buffer("sparse_active", torch.tensor(warmup_steps == 0))
         self.track_recall = False  # set by the SparsityStats callback; costs one dense attention pass
         self.last_stats: dict[str, torch.Tensor] = {}
@@ -43,63 +49,96 @@ class DeepSeekSparseAttention(nn.Module):
     def token_level(self) -> bool:
         return self.block_size == 1
 
-    def select(self, x: torch.Tensor, scores=None, k=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | int]:
-        """x: [B, L, D] (detached) -> (indexer scores, selected indices, k in tokens).
-
-        `scores` and `k` replace the indexer's scores and the budget's k when given.
-        """
-        L = x.shape[1]
+    def index_scores(self, x: torch.Tensor) -> torch.Tensor:
         if self.token_level:
-            scores = self.indexer.token_scores(x) if scores is None else scores
-            k = self.budget(x, scores) if k is None else k
-            n_eligible = torch.arange(1, L + 1, device=x.device)
-            return scores, self.selector(scores, k, n_eligible, include_last=True), k
-        scores = self.indexer.block_scores(x, self.block_size, self.query_block) if scores is None else scores
-        k = self.budget(x, scores) if k is None else k
-        n_qb, m, _ = block_layout(L, self.block_size, self.query_block)
+            return self.indexer.token_scores(x)
+        return self.indexer.block_scores(x, self.block_size, self.query_block)
+
+    def rows(self, seq_len: int, device) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """-> (deciding query position [R], eligible columns [R], tokens always attended per row)"""
+        if self.token_level:
+            pos = torch.arange(seq_len, device=device)
+            return pos, pos + 1, 0
+        n_qb, m, _ = block_layout(seq_len, self.block_size, self.query_block)
+        first = torch.arange(n_qb, device=device) * self.query_block
+        return first, torch.arange(n_qb, device=device) * m, self.query_block
+
+    def select(self, x: torch.Tensor, scores: torch.Tensor, k) -> torch.Tensor:
+        """Top-k (k in tokens: int, [B] or [B, R]) over the eligible columns of each score row."""
+        _, n_eligible, diagonal = self.rows(x.shape[1], x.device)
+        if self.token_level:
+            return self.selector(scores, k, n_eligible, include_last=True)
         # the diagonal blocks are always attended; the rest of the budget goes to earlier blocks
-        past_blocks = (torch.as_tensor(k, device=x.device) + self.block_size - 1) // self.block_size - m
-        n_eligible = torch.arange(n_qb, device=x.device) * m
-        return scores, self.selector(scores, past_blocks.clamp(min=0), n_eligible, include_last=False), k
+        past_blocks = (torch.as_tensor(k, device=x.device) - diagonal + self.block_size - 1) // self.block_size
+        return self.selector(scores, past_blocks.clamp(min=0), n_eligible, include_last=False)
+
+    def rank_gate(self, k_soft: torch.Tensor, n_slots: int) -> torch.Tensor:
+        """k_soft [B, R] (tokens, differentiable) -> gate [B, R, n_slots], exactly 1 in the forward pass."""
+        _, _, diagonal = self.rows(0, k_soft.device)
+        units = (k_soft - diagonal) / self.block_size  # the k of the slots, in score columns
+        slot = torch.arange(n_slots, device=k_soft.device, dtype=k_soft.dtype)
+        tau = self.soft_rank_tau * units.detach().clamp_min(1)[..., None]
+        soft = torch.sigmoid((units[..., None] - slot - 0.5) / tau)
+        return 1 + (soft - soft.detach())
 
     def forward(self, x, q, kv, *, scale: float, v_dim: int):
         """x [B, L, D_model], q [B, H, L, D], kv [B, L, D] -> (out [B, H, L, v_dim] or None, aux)"""
         x = x.detach()
+        L = x.shape[1]
         layout = dict(block_size=self.block_size, query_block=self.query_block)
+        scores = self.index_scores(x)
         if not bool(self.sparse_active):
-            scores = self.indexer.token_scores(x) if self.token_level else self.indexer.block_scores(x, **layout)
             if self.token_level:
                 kl = losses.token_kl_dense(q.detach(), kv.detach(), scores, scale=scale)
             else:
                 kl = losses.block_kl_dense(q.detach(), kv.detach(), scores, scale=scale, **layout)
-            self.last_stats = {"indexer_kl": kl.detach(), "keep_ratio": torch.ones(())}
+            self.last_stats = {"indexer_kl": kl.detach(), "keep_ratio": torch.ones(()), "keep_mean": torch.ones(())}
             return None, {"indexer_kl": kl}
 
-        scores, indices, k = self.select(x)
-        out, slot_probs = sparse_attention(q, kv, indices, scale=scale, v_dim=v_dim, backend=self.backend, **layout)
+        positions, _, diagonal = self.rows(L, x.device)
+        k = self.budget(x, scores, positions=positions, block_size=self.block_size, diagonal_tokens=diagonal)
+        k_hard = k.detach().float().ceil().long().clamp(1, L) if torch.is_tensor(k) else min(k, L)
+        indices = self.select(x, scores, k_hard)
+        gate = self.rank_gate(k, indices.shape[-1]) if torch.is_tensor(k) and k.requires_grad else None
+        out, slot_probs = sparse_attention(
+            q, kv, indices, scale=scale, v_dim=v_dim, backend=self.backend, slot_gate=gate, **layout
+        )
         if self.token_level:
             kl = losses.token_kl_selected(slot_probs, scores, indices)
         else:
             kl = losses.block_kl_selected(q.detach(), kv.detach(), scores, indices, scale=scale, **layout)
-        self.last_stats = {"indexer_kl": kl.detach(), **self.selection_stats(indices, k, x.shape[1])}
+        self.last_stats = {"indexer_kl": kl.detach(), **self.selection_stats(indices, k_hard, L), **self.budget.stats()}
         if self.track_recall:
             # baseline: the same number of positions per query, chosen at random among the eligible
-            random_indices = self.select(x, scores=torch.rand_like(scores), k=k)[1]
+            random_indices = self.select(x, torch.rand_like(scores), k_hard)
             for name, chosen in (("attn_mass_recall", indices), ("attn_mass_recall_random", random_indices)):
                 self.last_stats[name] = losses.attention_mass_recall(q.detach(), kv.detach(), chosen, scale=scale, **layout)
         return out, {"indexer_kl": kl}
 
     @torch.no_grad()
     def selection_stats(self, indices: torch.Tensor, k, seq_len: int) -> dict[str, torch.Tensor]:
-        """Realised keep ratio = attended causal (query, key) pairs / all causal pairs."""
+        """keep_mean: mean k / L (the budget, as for fixed keep); keep_ratio: attended causal
+        (query, key) pairs / all causal pairs; k per sequence (mean over its rows)."""
+        B = indices.shape[0]
         causal_pairs = seq_len * (seq_len + 1) / 2
         if self.token_level:
             attended = (indices >= 0).sum((1, 2)).double()
         else:
-            n_qb, m, _ = block_layout(seq_len, self.block_size, self.query_block)
+            n_qb, _, _ = block_layout(seq_len, self.block_size, self.query_block)
             queries = torch.clamp(seq_len - torch.arange(n_qb, device=indices.device) * self.query_block, max=self.query_block)
             past = (indices >= 0).sum(-1) * self.block_size * queries  # [B, nQB]
             diag = (queries * (queries + 1) / 2).sum()  # causal pairs inside each query block
             attended = past.sum(-1).double() + diag
-        k = torch.as_tensor(k, dtype=torch.float64).expand(indices.shape[0]) if not torch.is_tensor(k) else k.double()
-        return {"keep_ratio": (attended / causal_pairs).mean(), "k_mean": k.float().mean(), "k_per_sequence": k.float()}
+        k = torch.as_tensor(k, dtype=torch.float64, device=indices.device)
+        k_seq = (k.reshape(B, -1) if k.dim() else k.expand(B, 1)).mean(-1)
+        return {
+            "keep_ratio": (attended / causal_pairs).mean(),
+            "keep_mean": k_seq.mean() / seq_len,
+            "k_mean": k_seq.mean(),
+            "k_per_sequence": k_seq.float(),
+        }
+
+    def after_step(self) -> None:
+        """After a training step in the sparse stage: let the budget adjust to its target."""
+        if bool(self.sparse_active) and "keep_mean" in self.last_stats:
+            self.budget.after_step(float(self.last_stats["keep_mean"]))
