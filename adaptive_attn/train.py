@@ -7,6 +7,7 @@
 """
 
 import json
+import os
 import sys
 import time
 import traceback
@@ -16,11 +17,31 @@ import hydra
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from adaptive_attn.config import ConfigError, check_group_overrides, fail, validate
 from adaptive_attn.lit.callbacks import SparsityStats, SpeedMonitor, peak_memory_bytes
+
+
+def wandb_offline() -> bool:
+    """W&B runs offline unless it can log in: WANDB_MODE wins, else online only with an API key."""
+    mode = os.environ.get("WANDB_MODE")
+    if mode:
+        return mode in ("offline", "disabled", "dryrun")
+    netrc = Path.home() / ".netrc"
+    return not (os.environ.get("WANDB_API_KEY") or (netrc.exists() and "api.wandb.ai" in netrc.read_text()))
+
+
+OmegaConf.register_new_resolver("wandb_offline", wandb_offline, replace=True)
+
+
+def finish_wandb() -> None:
+    """Close the W&B run of this job so the jobs of a sweep never merge into one run."""
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and wandb.run is not None:
+        wandb.finish()
 
 
 def _metric(metrics: dict, key: str) -> float | None:
@@ -42,7 +63,10 @@ def build_summary(cfg: DictConfig, trainer: L.Trainer | None, status: str, wall_
         "test_loss": _metric(metrics, "test/loss"),
         "test_acc": _metric(metrics, "test/acc"),
         "steps": trainer.global_step if trainer is not None else 0,
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        "pid": os.getpid(),
         "wall_s": wall_s,
+        "ended_at": time.time(),
         **extra,
     }
     if trainer is not None:
@@ -78,19 +102,26 @@ def write_json(path: Path, payload: dict) -> None:
 
 def run(cfg: DictConfig) -> dict:
     """Train and evaluate one configuration; always leaves summary.json (status ok or failed)."""
+    start, trainer, extra = time.perf_counter(), None, {"started_at": time.time()}
+    out_dir = Path(cfg.output_dir)
     try:
         validate(cfg)
     except ConfigError as err:
-        fail(str(err))
-    out_dir = Path(cfg.output_dir)
+        if HydraConfig.get().mode != RunMode.MULTIRUN:
+            fail(str(err))  # a single run stops here, before any work, leaving nothing behind
+        out_dir.mkdir(parents=True, exist_ok=True)
+        extra["error"] = f"ConfigError: {err}"
+        write_json(out_dir / "summary.json", build_summary(cfg, None, "failed", time.perf_counter() - start, extra))
+        raise
     out_dir.mkdir(parents=True, exist_ok=True)
-    start, trainer, extra = time.perf_counter(), None, {}
     try:
         L.seed_everything(cfg.seed, workers=True)
         datamodule = instantiate(cfg.data)
         module = instantiate(cfg.module, model=instantiate(cfg.model))
         callbacks = [instantiate(c) for c in (cfg.callbacks or {}).values()]
         loggers = [instantiate(c) for c in (cfg.logger or {}).values()]
+        for lg in loggers:
+            lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
         trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, default_root_dir=str(out_dir))
         if cfg.eval_untrained and cfg.ckpt_path is None:
             extra["untrained_val_loss"] = trainer.validate(module, datamodule=datamodule, verbose=False)[0]["val/loss"]
@@ -104,13 +135,22 @@ def run(cfg: DictConfig) -> dict:
         extra["traceback"] = traceback.format_exc()
         write_json(out_dir / "summary.json", build_summary(cfg, trainer, "failed", time.perf_counter() - start, extra))
         raise
+    finally:
+        finish_wandb()
     write_json(out_dir / "summary.json", summary)
     return summary
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def _hydra_main(cfg: DictConfig) -> None:
-    summary = run(cfg)
+    try:
+        summary = run(cfg)
+    except Exception as err:
+        if HydraConfig.get().mode != RunMode.MULTIRUN:
+            raise
+        # in a sweep one failing job must not stop the others: it is recorded as failed in its summary.json
+        print(f"job failed ({type(err).__name__}: {err}); recorded in {cfg.output_dir}/summary.json", file=sys.stderr)
+        return
     print(
         f"done: val_loss={summary['val_loss']:.4f} (untrained {summary.get('untrained_val_loss', float('nan')):.4f}) "
         f"tokens/s={summary.get('tokens_per_s', 0):.0f} -> {cfg.output_dir}/summary.json"

@@ -22,12 +22,12 @@ def _seed():
 def compose_cfg(tmp_path):
     """compose_cfg(overrides) -> the composed training config, as `python -m adaptive_attn.train` sees it."""
 
-    def _compose(overrides=()):
+    def _compose(overrides=(), run_dir="run"):
         GlobalHydra.instance().clear()
         with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
             cfg = compose("train", overrides=list(overrides), return_hydra_config=True)
         with open_dict(cfg):
-            cfg.hydra.runtime.output_dir = str(tmp_path / "run")
+            cfg.hydra.runtime.output_dir = str(tmp_path / run_dir)
             cfg.hydra.job.num = 0
         HydraConfig.instance().set_config(cfg)
         return cfg

@@ -1,12 +1,39 @@
 """Lightning data modules over MQAR, local text files and Hugging Face text datasets."""
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import lightning as L
-from torch.utils.data import DataLoader, Dataset
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from adaptive_attn.data import text
 from adaptive_attn.data.mqar import MQARDataset
+
+
+class ResumableRandomSampler(Sampler[int]):
+    """Shuffles with a permutation fixed by (seed, epoch) and can start part-way through an epoch, so
+    a run resumed from a checkpoint sees exactly the batches the uninterrupted run would have seen.
+    Lightning calls `set_epoch` at each epoch start."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch = n, seed, 0
+        self.resume_epoch, self.resume_skip = 0, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def resume_at(self, epoch: int, skip: int) -> None:
+        """Start epoch `epoch` at its `skip`-th sample."""
+        self.epoch, self.resume_epoch, self.resume_skip = epoch, epoch, skip
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self) -> Iterator[int]:
+        perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch))
+        start = self.resume_skip if self.epoch == self.resume_epoch else 0
+        yield from perm[start:].tolist()
 
 
 class LMDataModule(L.LightningDataModule):
@@ -19,6 +46,7 @@ class LMDataModule(L.LightningDataModule):
         self.seq_len, self.vocab_size = seq_len, vocab_size
         self.batch_size, self.num_workers = batch_size, num_workers
         self.splits: dict[str, Dataset] = {}
+        self._resume_step = 0
 
     def build(self) -> dict[str, Dataset]:
         raise NotImplementedError
@@ -27,24 +55,35 @@ class LMDataModule(L.LightningDataModule):
         if not self.splits:
             self.splits = self.build()
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+    def _loader(self, split: str, sampler: Sampler | None = None) -> DataLoader:
         return DataLoader(
             self.splits[split],
             batch_size=self.batch_size,
-            shuffle=shuffle,
+            sampler=sampler,
             num_workers=self.num_workers,
-            drop_last=shuffle,
+            drop_last=sampler is not None,
             persistent_workers=self.num_workers > 0,
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
+        n = len(self.splits["train"])
+        sampler = ResumableRandomSampler(n, seed=torch.initial_seed())
+        per_epoch = max(1, n // self.batch_size)
+        sampler.resume_at(self._resume_step // per_epoch, (self._resume_step % per_epoch) * self.batch_size)
+        return self._loader("train", sampler)
+
+    def state_dict(self) -> dict:
+        """Saved in checkpoints: the step reached, from which the sampler's position follows."""
+        return {"global_step": self.trainer.global_step if self.trainer is not None else 0}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._resume_step = state.get("global_step", 0)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
+        return self._loader("val")
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
+        return self._loader("test")
 
 
 class MQARDataModule(LMDataModule):

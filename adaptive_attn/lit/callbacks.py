@@ -86,7 +86,7 @@ class SparsityStats(L.Callback):
     def __init__(self, log_every_n_steps: int = 10, recall_on_validation: bool = True):
         self.log_every, self.recall_on_validation = log_every_n_steps, recall_on_validation
         self._val: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
-        self._difficulty: list[tuple[int, float]] = []
+        self._difficulty: list[dict[str, float]] = []
         self.last: dict[str, float] = {}
         self.k_vs_difficulty: pd.DataFrame | None = None
 
@@ -102,6 +102,23 @@ class SparsityStats(L.Callback):
         if metrics:
             pl_module.log_dict(metrics)
             self.last.update(metrics)
+            self.log_k_histograms(trainer, pl_module)
+
+    @staticmethod
+    def log_k_histograms(trainer, pl_module) -> None:
+        """W&B histograms of each layer's per-query k (only when a W&B logger is attached)."""
+        for lg in trainer.loggers:
+            if type(lg).__name__ != "WandbLogger":
+                continue
+            import wandb
+
+            hists = {
+                f"sparse/k_hist/layer{i}": wandb.Histogram(dsa.last_stats["k_values"].cpu().numpy())
+                for i, dsa in enumerate(pl_module.model.sparse_layers())
+                if "k_values" in dsa.last_stats
+            }
+            if hists:
+                lg.experiment.log(hists, step=trainer.global_step)
 
     def on_validation_epoch_start(self, trainer, pl_module):
         self._val.clear()
@@ -130,13 +147,14 @@ class SparsityStats(L.Callback):
         """MQAR: pair each sequence's k (mean over its queries and the layers) with its difficulty."""
         ks = [dsa.last_stats["k_per_sequence"] for dsa in pl_module.model.sparse_layers() if "k_per_sequence" in dsa.last_stats]
         if "n_pairs" in batch and ks:
-            k = torch.stack(ks).mean(0)
-            self._difficulty.extend(zip(batch["n_pairs"].tolist(), k.tolist()))
+            per_layer = torch.stack(ks, dim=1)  # [B, layers]
+            for n, k in zip(batch["n_pairs"].tolist(), per_layer.tolist()):
+                self._difficulty.append({"n_pairs": n, "k": sum(k) / len(k), **{f"k_layer{i}": v for i, v in enumerate(k)}})
 
     def on_test_epoch_end(self, trainer, pl_module):
         if not self._difficulty:
             return
-        self.k_vs_difficulty = pd.DataFrame(self._difficulty, columns=["n_pairs", "k"])
+        self.k_vs_difficulty = pd.DataFrame(self._difficulty)
         rho = self.k_vs_difficulty["n_pairs"].corr(self.k_vs_difficulty["k"], method="spearman")
         self.last["test_sparse/k_difficulty_spearman"] = float(rho) if rho == rho else 0.0  # NaN when k is constant
         pl_module.log("test_sparse/k_difficulty_spearman", self.last["test_sparse/k_difficulty_spearman"])

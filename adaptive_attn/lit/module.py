@@ -62,7 +62,10 @@ class SparseLMModule(L.LightningModule):
         self.log("train/balance_loss", aux["balance_loss"])
         return loss
 
-    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        # non-gradient updates (router biases, budget multipliers) belong to the step, so they happen
+        # before callbacks such as ModelCheckpoint see it
         self.model.after_training_step()
 
     def _eval_step(self, batch) -> None:

@@ -136,6 +136,7 @@ class DeepSeekSparseAttention(nn.Module):
             "keep_mean": k_seq.mean() / seq_len,
             "k_mean": k_seq.mean(),
             "k_per_sequence": k_seq.float(),
+            "k_values": k.float().flatten() if k.dim() else k.float().reshape(1),
         }
 
     def after_step(self) -> None:

@@ -1,0 +1,111 @@
+"""Sweeps, the GPU-pool launcher, fault tolerance, resume, W&B and the analysis notebook (all on CPU)."""
+
+import itertools
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+from adaptive_attn.analysis import aggregate, analyse, load_runs, paired_comparison
+from adaptive_attn.train import run
+
+ROOT = Path(__file__).resolve().parent.parent
+QUICK = ["experiment=quick", "callbacks=minimal", "logger=none"]
+
+
+def multirun(sweep_dir: Path, *overrides: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        [sys.executable, "-m", "adaptive_attn.train", "-m", *overrides, f"hydra.sweep.dir={sweep_dir}"],
+        capture_output=True, text=True, timeout=600, cwd=ROOT, env={**os.environ, **(env or {})},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def gpu_pool_sweep(tmp_path_factory) -> Path:
+    """2 models x 2 seq_len x 2 seeds through the GPU-pool launcher with a faked count of 2 GPUs."""
+    sweep = tmp_path_factory.mktemp("sweep")
+    multirun(sweep, *QUICK, "data=mqar", "model=adaptive,fixed25", "seq_len=32,64", "seed=0,1",
+             "model.sparse.warmup_steps=2", "hydra/launcher=gpu_pool", "hydra.launcher.n_gpus=2")
+    return sweep
+
+
+def test_gpu_pool_runs_jobs_in_parallel_never_sharing_a_gpu(gpu_pool_sweep):
+    runs = [json.loads(p.read_text()) for p in gpu_pool_sweep.rglob("summary.json")]
+    assert len(runs) == 8 and all(r["status"] == "ok" for r in runs)
+    assert {r["cuda_visible_devices"] for r in runs} == {"0", "1"}
+    assert len({r["pid"] for r in runs}) == 8  # a fresh process per job
+    overlapping = [(a, b) for a, b in itertools.combinations(runs, 2)
+                   if a["started_at"] < b["ended_at"] and b["started_at"] < a["ended_at"]]
+    assert overlapping, "no two jobs ran at the same time"
+    assert all(a["cuda_visible_devices"] != b["cuda_visible_devices"] for a, b in overlapping)
+
+
+def test_sweep_end_writes_analysis_and_notebook_runs_on_it(gpu_pool_sweep):
+    assert (gpu_pool_sweep / "summary.md").exists() and (gpu_pool_sweep / "results.csv").exists()
+    runs = load_runs(gpu_pool_sweep)
+    agg = aggregate(runs)
+    assert agg[("val_loss", "n")].eq(2).all() and len(agg) == 4
+    diff = paired_comparison(runs, "adaptive", "fixed25", "val_loss")
+    assert list(diff["n"]) == [2, 2]
+    analyse(gpu_pool_sweep, gpu_pool_sweep / "analysis")
+    assert (gpu_pool_sweep / "analysis" / "metrics_vs_seq_len.png").stat().st_size > 0
+
+    nb = nbformat.read(ROOT / "notebooks" / "analysis.ipynb", as_version=4)
+    os.environ["SWEEP_DIR"] = str(gpu_pool_sweep)
+    try:
+        NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(ROOT / "notebooks")}}).execute()
+    finally:
+        del os.environ["SWEEP_DIR"]
+    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
+    assert not errors
+    assert (gpu_pool_sweep / "plots" / "metrics_vs_seq_len.png").exists()
+
+
+def test_failing_job_is_recorded_and_the_sweep_goes_on(tmp_path):
+    multirun(tmp_path, *QUICK, "model=dense", "model.moe.top_k=2,9")  # top_k=9 > 4 routed experts
+    runs = load_runs(tmp_path).sort_values("run_dir")
+    assert list(runs["status"]) == ["ok", "failed"]
+    assert "model.moe.top_k=9" in runs["error"].iloc[1]
+
+
+class CrashAt(L.Callback):
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, *args):
+        if trainer.global_step == self.step:
+            raise RuntimeError("simulated crash")
+
+
+def test_resume_from_last_checkpoint_matches_uninterrupted_run(compose_cfg, tmp_path):
+    common = ["experiment=quick", "model=fixed25", "model.sparse.warmup_steps=3", "trainer.max_steps=8",
+              "callbacks.model_checkpoint.every_n_train_steps=2"]
+    full = run(compose_cfg(common, run_dir="uninterrupted"))
+
+    crash = ["+callbacks.crash._target_=tests.test_workflow.CrashAt", "+callbacks.crash.step=5"]
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run(compose_cfg([*common, *crash]))
+    resumed = run(compose_cfg([*common, "ckpt_path=last"]))
+    assert resumed["steps"] == full["steps"] == 8
+    assert resumed["val_loss"] == full["val_loss"]
+
+
+def test_wandb_runs_offline_one_per_job(tmp_path):
+    multirun(tmp_path, "experiment=quick", "callbacks=minimal", "logger=wandb", "model=dense", "seed=0,1",
+             env={"WANDB_MODE": "offline", "WANDB_SILENT": "true"})
+    job_dirs = sorted(p.parent for p in tmp_path.rglob("summary.json"))
+    assert len(job_dirs) == 2
+    for job_dir in job_dirs:
+        runs = list((job_dir / "wandb").glob("offline-run-*"))
+        assert len(runs) == 1, job_dir
+        assert (job_dir / "csv" / "metrics.csv").exists()
+        meta = json.loads(json.dumps(json.loads((job_dir / "summary.json").read_text())["config"]["logger"]))
+        assert meta["wandb"]["group"] == "dense-L64" and meta["wandb"]["offline"] is True
