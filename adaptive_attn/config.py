@@ -89,6 +89,11 @@ def validate(cfg: DictConfig) -> None:
             f"model.sparse.query_block={qb!r} is invalid: must be a positive multiple of block_size={block}",
         )
         _require(s.backend in BACKENDS, f"model.sparse.backend={s.backend!r} is invalid: choose one of {BACKENDS}")
+        _require(
+            not (s.backend == "triton" and block > 1) and not (s.backend == "flex" and block == 1),
+            f"model.sparse.backend={s.backend} does not fit model.sparse.block_size={block}: "
+            "triton is token-level (block_size=1), flex is block-level (block_size > 1)",
+        )
         _int_in(cfg, "model.sparse.warmup_steps", 0)
         _int_in(cfg, "model.sparse.indexer.n_heads", 1)
         head_dim = _int_in(cfg, "model.sparse.indexer.head_dim", 2)

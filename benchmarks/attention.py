@@ -74,8 +74,8 @@ class SparseLayer(torch.nn.Module):
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--lengths", type=int, nargs="+", default=[256, 512, 1024, 2048, 4096])
-    p.add_argument("--keeps", type=float, nargs="+", default=[0.25, 0.5, 0.75])
-    p.add_argument("--ks", type=int, nargs="+", default=[64])
+    p.add_argument("--keeps", type=float, nargs="*", default=[0.25, 0.5, 0.75])
+    p.add_argument("--ks", type=int, nargs="*", default=[64])
     p.add_argument("--modes", nargs="+", choices=["token", "block"], default=["token", "block"])
     p.add_argument("--passes", nargs="+", choices=["fwd", "fwdbwd"], default=["fwd", "fwdbwd"])
     p.add_argument("--batch", type=int, default=4)

@@ -10,18 +10,40 @@ Backends:
 - `reference`: dense scores plus a mask built from the selection; O(L^2), the oracle for tests.
 - `torch`: gathers only the selected rows (queries chunked to bound memory), so compute follows k;
   block mode feeds the gathered blocks to fused SDPA, reusing its flash backward.
+- `triton` (token mode): a fused kernel, forward and backward (`triton_sparse.py`), for GPUs.
+- `flex` (block mode): FlexAttention with a BlockMask built from the selection (`flex_sparse.py`);
+  compiled with a fused backward on CUDA, eager forward only on CPU. The adaptive budget's soft rank
+  gate (a weight applied after the softmax) is not expressible there, so gated calls use `torch`.
+- `auto`: on CUDA `triton` for tokens and `flex` for blocks; `torch` otherwise.
 """
 
 import torch
 import torch.nn.functional as F
 
-BACKENDS = ("reference", "torch", "auto")
+BACKENDS = ("reference", "torch", "triton", "flex", "auto")
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_backend(backend: str, device: torch.device, block_size: int = 1) -> str:
+    """`auto`: on CUDA the fused kernels (Triton for tokens, FlexAttention for blocks), else `torch`."""
     if backend not in BACKENDS:
         raise ValueError(f"model.sparse.backend must be one of {BACKENDS}, got {backend!r}")
-    return "torch" if backend == "auto" else backend
+    if backend == "auto":
+        if device.type != "cuda":
+            return "torch"
+        return "flex" if block_size > 1 else ("triton" if triton_available() else "torch")
+    if backend == "triton" and block_size > 1:
+        raise ValueError("model.sparse.backend=triton is token-level: use block_size=1 (or backend torch/flex/auto)")
+    if backend == "flex" and block_size == 1:
+        raise ValueError("model.sparse.backend=flex is block-level: use block_size > 1 (or backend torch/triton/auto)")
+    return backend
 
 
 def _scatter_mask(indices: torch.Tensor, size: int) -> torch.Tensor:
@@ -220,8 +242,16 @@ def sparse_attention(
     Token mode also returns the head-averaged attention probabilities of each selected slot
     ([B, L, K], detached; the indexer's KL target), block mode None.
     """
-    backend = resolve_backend(backend, q.device)
+    backend = resolve_backend(backend, q.device, block_size)
     layout = dict(block_size=block_size, query_block=query_block)
+    if backend == "triton":
+        from adaptive_attn.ops.triton_sparse import triton_token_attention
+
+        return triton_token_attention(q, kv, indices, scale=scale, v_dim=v_dim, slot_gate=slot_gate)
+    if backend == "flex" and slot_gate is None:  # FlexAttention cannot weight probabilities after softmax
+        from adaptive_attn.ops.flex_sparse import flex_block_attention
+
+        return flex_block_attention(q, kv, indices, scale=scale, v_dim=v_dim, **layout), None
     if backend == "reference":
         return reference_sparse_attention(q, kv, indices, scale=scale, v_dim=v_dim, slot_gate=slot_gate, **layout)
     if block_size == 1:
