@@ -77,9 +77,7 @@ def validate(cfg: DictConfig) -> None:
     _int_in(cfg, "model.vocab_size", 2)
     if "keep" in m:
         keep = m.keep
-        _require(
-            isinstance(keep, (int, float)) and 0 < keep <= 1, f"model.keep={keep!r} is invalid: must be in (0, 1]"
-        )
+        _require(isinstance(keep, (int, float)) and 0 < keep <= 1, f"model.keep={keep!r} is invalid: must be in (0, 1]")
     if m.get("sparse") is not None:
         s = m.sparse
         block = _int_in(cfg, "model.sparse.block_size", 1, 4096)

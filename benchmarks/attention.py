@@ -50,7 +50,9 @@ class SparseLayer(torch.nn.Module):
 
     def __init__(self, d_model, block_size, query_block, backend, indexer_heads, indexer_dim):
         super().__init__()
-        self.indexer = LightningIndexer(d_model, n_heads=indexer_heads, head_dim=indexer_dim, rope_dim=min(16, indexer_dim))
+        self.indexer = LightningIndexer(
+            d_model, n_heads=indexer_heads, head_dim=indexer_dim, rope_dim=min(16, indexer_dim)
+        )
         self.selector = TopKTokenSelector()
         self.block_size, self.query_block, self.backend = block_size, query_block, backend
 
@@ -65,8 +67,14 @@ class SparseLayer(torch.nn.Module):
             past = max(math.ceil(k / self.block_size) - m, 0)
             idx = self.selector(scores, past, torch.arange(n_qb, device=x.device) * m, include_last=False)
         out, _ = sparse_attention(
-            q, kv, idx, scale=q.shape[-1] ** -0.5, v_dim=q.shape[-1],
-            block_size=self.block_size, query_block=self.query_block, backend=self.backend,
+            q,
+            kv,
+            idx,
+            scale=q.shape[-1] ** -0.5,
+            v_dim=q.shape[-1],
+            block_size=self.block_size,
+            query_block=self.query_block,
+            backend=self.backend,
         )
         return out
 
@@ -98,12 +106,16 @@ def main() -> None:
     B, H, D = args.batch, args.heads, args.head_dim
     layers = {
         "token": SparseLayer(args.d_model, 1, 1, args.backend, args.indexer_heads, args.indexer_dim),
-        "block": SparseLayer(args.d_model, args.block_size, args.query_block, args.backend, args.indexer_heads, args.indexer_dim),
+        "block": SparseLayer(
+            args.d_model, args.block_size, args.query_block, args.backend, args.indexer_heads, args.indexer_dim
+        ),
     }
     for layer in layers.values():
         layer.to(device, dtype)
     budgets = [("keep", keep) for keep in args.keeps] + [("k", k) for k in args.ks]
-    jobs = [(L, mode, budget, ps) for L in args.lengths for ps in args.passes for mode in args.modes for budget in budgets]
+    jobs = [
+        (L, mode, budget, ps) for L in args.lengths for ps in args.passes for mode in args.modes for budget in budgets
+    ]
     records, dense_ms = [], {}
     for L, mode, (kind, value), ps in tqdm(jobs, desc="benchmark"):
         x = torch.randn(B, L, args.d_model, device=device, dtype=dtype)
@@ -125,19 +137,34 @@ def main() -> None:
                 lambda: run(lambda: F.scaled_dot_product_attention(qd, kd, vd, is_causal=True)), device, args.repeats
             )
         ms = timeit(lambda: run(lambda: layers[mode](x, q, kv, k)), device, args.repeats)
-        records.append({
-            "mode": mode, "L": L, kind: value, "k": k, "pass": ps, "ms": round(ms, 3),
-            "dense_ms": round(dense_ms[(L, ps)], 3), "ratio_vs_dense": round(ms / dense_ms[(L, ps)], 3),
-            "device": device_name(device), "dtype": args.dtype, "B": B, "H": H, "d_h": D,
-            **({"block_size": args.block_size, "query_block": args.query_block} if mode == "block" else {}),
-        })
+        records.append(
+            {
+                "mode": mode,
+                "L": L,
+                kind: value,
+                "k": k,
+                "pass": ps,
+                "ms": round(ms, 3),
+                "dense_ms": round(dense_ms[(L, ps)], 3),
+                "ratio_vs_dense": round(ms / dense_ms[(L, ps)], 3),
+                "device": device_name(device),
+                "dtype": args.dtype,
+                "B": B,
+                "H": H,
+                "d_h": D,
+                **({"block_size": args.block_size, "query_block": args.query_block} if mode == "block" else {}),
+            }
+        )
 
-    print(f"\ndevice: {device_name(device)}  dtype: {args.dtype}  B={B} H={H} d_h={D}  "
-          f"(ratio = full sparse layer / dense causal SDPA; < 1 is faster)")
+    print(
+        f"\ndevice: {device_name(device)}  dtype: {args.dtype}  B={B} H={H} d_h={D}  "
+        f"(ratio = full sparse layer / dense causal SDPA; < 1 is faster)"
+    )
     print(f"{'mode':6} {'pass':7} {'L':>6} {'budget':>11} {'ms':>9} {'dense ms':>9} {'ratio':>7}")
     for r in records:
         budget = f"keep {r['keep']:.2f}" if "keep" in r else f"k {r['k']}"
-        print(f"{r['mode']:6} {r['pass']:7} {r['L']:>6} {budget:>11} {r['ms']:>9.1f} {r['dense_ms']:>9.1f} {r['ratio_vs_dense']:>7.3f}")
+        times = f"{r['ms']:>9.1f} {r['dense_ms']:>9.1f} {r['ratio_vs_dense']:>7.3f}"
+        print(f"{r['mode']:6} {r['pass']:7} {r['L']:>6} {budget:>11} {times}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(records, f, indent=1)

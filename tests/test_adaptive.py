@@ -9,7 +9,11 @@ from adaptive_attn.data.mqar import MQARDataset
 from adaptive_attn.model.llm import AdaptiveMoELLM
 from adaptive_attn.ops.sparse_attention import sparse_attention
 from adaptive_attn.sparse.budget import AdaptiveTopP
-from adaptive_attn.sparse.controller import AttentionEntropyEstimator, ContentComplexityAnalyzer, DynamicSparsityController
+from adaptive_attn.sparse.controller import (
+    AttentionEntropyEstimator,
+    ContentComplexityAnalyzer,
+    DynamicSparsityController,
+)
 from adaptive_attn.train import run
 from tests.conftest import tiny_model_kwargs
 from tests.test_model import assert_causal
@@ -22,7 +26,9 @@ BUDGETS = {
 
 
 def adaptive_model(budget="adaptive", mode="token", **kwargs):
-    return AdaptiveMoELLM(**tiny_model_kwargs(**kwargs), budget=BUDGETS[budget], sparse={"warmup_steps": 0, **SPARSE_MODES[mode]})
+    return AdaptiveMoELLM(
+        **tiny_model_kwargs(**kwargs), budget=BUDGETS[budget], sparse={"warmup_steps": 0, **SPARSE_MODES[mode]}
+    )
 
 
 @pytest.mark.parametrize("budget", BUDGETS)
@@ -74,8 +80,12 @@ def test_gated_token_attention_matches_reference(L, k, per_query):
     idx = random_token_selection(B, L, k, per_query)
     idx[1, :, 3:] = -1  # sequence 1 uses fewer slots: processed on its own
     gate = torch.rand(idx.shape, dtype=torch.float64, requires_grad=True)
-    res = {b: _grads(lambda q, kv, g: sparse_attention(q, kv, idx, scale=0.3, v_dim=5, backend=b, slot_gate=g)[0], q, kv, gate)
-           for b in ("reference", "torch")}
+    res = {
+        b: _grads(
+            lambda q, kv, g: sparse_attention(q, kv, idx, scale=0.3, v_dim=5, backend=b, slot_gate=g)[0], q, kv, gate
+        )
+        for b in ("reference", "torch")
+    }
     for a, c in zip(res["reference"], res["torch"]):
         assert (a - c).abs().max() < 1e-9
 
@@ -88,8 +98,15 @@ def test_gated_block_attention_matches_reference():
     idx[2, :, 1:] = -1  # a sequence with a smaller k
     gate = torch.rand(idx.shape, dtype=torch.float64, requires_grad=True)
     layout = dict(block_size=block, query_block=qblock)
-    res = {b: _grads(lambda q, kv, g: sparse_attention(q, kv, idx, scale=0.3, v_dim=5, backend=b, slot_gate=g, **layout)[0],
-                     q, kv, gate) for b in ("reference", "torch")}
+    res = {
+        b: _grads(
+            lambda q, kv, g: sparse_attention(q, kv, idx, scale=0.3, v_dim=5, backend=b, slot_gate=g, **layout)[0],
+            q,
+            kv,
+            gate,
+        )
+        for b in ("reference", "torch")
+    }
     for a, c in zip(res["reference"], res["torch"]):
         assert (a - c).abs().max() < 1e-9
 
@@ -106,10 +123,17 @@ def test_sequences_of_different_difficulty_get_different_k():
 
 @pytest.mark.parametrize("model_name", ["adaptive", "adaptive_topp"])
 def test_short_run_holds_mean_keep_at_target(compose_cfg, model_name):
-    cfg = compose_cfg([
-        "experiment=quick", f"model={model_name}", "model.sparse.warmup_steps=0", "data=mqar",
-        "trainer.max_steps=40", "trainer.val_check_interval=40", "model.budget.target=0.3",
-    ])
+    cfg = compose_cfg(
+        [
+            "experiment=quick",
+            f"model={model_name}",
+            "model.sparse.warmup_steps=0",
+            "data=mqar",
+            "trainer.max_steps=40",
+            "trainer.val_check_interval=40",
+            "model.budget.target=0.3",
+        ]
+    )
     run(cfg)
     summary = json.loads((Path(cfg.output_dir) / "summary.json").read_text())
     assert summary["target"] == 0.3

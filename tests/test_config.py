@@ -70,7 +70,9 @@ def test_bad_values_fail_validation_with_one_line(compose_cfg, override, needle)
 def test_cli_rejects_bad_values_before_training(tmp_path, args, needle):
     proc = subprocess.run(
         [sys.executable, "-m", "adaptive_attn.train", *args, f"hydra.run.dir={tmp_path / 'run'}"],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode != 0
     lines = [line for line in proc.stderr.splitlines() if line.strip()]

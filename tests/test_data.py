@@ -55,12 +55,16 @@ def test_text_split_is_deterministic_and_by_file(corpus, tmp_path):
 
 def test_bpe_tokenizer_is_trained_locally_and_cached(corpus, tmp_path):
     cache = tmp_path / "cache"
-    dm = TextDataModule(seq_len=16, paths=[str(corpus)], tokenizer="bpe", vocab_size=300, val_percent=20, cache_dir=str(cache))
+    dm = TextDataModule(
+        seq_len=16, paths=[str(corpus)], tokenizer="bpe", vocab_size=300, val_percent=20, cache_dir=str(cache)
+    )
     dm.setup()
     assert len(list(cache.glob("bpe-*.json"))) == 1
     tokens = dm.splits["train"].tokens
     assert tokens.max() < 300 and len(tokens) < sum(f.stat().st_size for f in text.expand_paths([str(corpus)]))
-    again = TextDataModule(seq_len=16, paths=[str(corpus)], tokenizer="bpe", vocab_size=300, val_percent=20, cache_dir=str(cache))
+    again = TextDataModule(
+        seq_len=16, paths=[str(corpus)], tokenizer="bpe", vocab_size=300, val_percent=20, cache_dir=str(cache)
+    )
     again.setup()
     assert np.array_equal(again.splits["train"].tokens, tokens)
 

@@ -42,7 +42,10 @@ def test_low_rank_query_mla_runs_and_is_causal():
 
 
 def test_every_parameter_gets_a_gradient():
-    for model in (DenseMoELLM(**tiny_model_kwargs()), FixedSparseMoELLM(**tiny_model_kwargs(), sparse={"warmup_steps": 0})):
+    for model in (
+        DenseMoELLM(**tiny_model_kwargs()),
+        FixedSparseMoELLM(**tiny_model_kwargs(), sparse={"warmup_steps": 0}),
+    ):
         tokens = torch.randint(0, 50, (4, 32))
         logits, aux = model(tokens)
         loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens.flatten()) + sum(aux.values())

@@ -64,7 +64,9 @@ def _grads(fn, *tensors):
     return [out, *torch.autograd.grad((out * weight).sum(), tensors)]
 
 
-@pytest.mark.parametrize("L,k,per_query", [(1, 1, False), (17, 5, False), (64, 16, True), (130, 200, False), (200, 40, True)])
+@pytest.mark.parametrize(
+    "L,k,per_query", [(1, 1, False), (17, 5, False), (64, 16, True), (130, 200, False), (200, 40, True)]
+)
 def test_torch_token_backend_equals_reference(L, k, per_query):
     B, H, D, v = 2, 3, 10, 6
     q = torch.randn(B, H, L, D, dtype=torch.float64, requires_grad=True)
@@ -81,14 +83,18 @@ def test_torch_token_backend_equals_reference(L, k, per_query):
     assert (p_ref - p_torch).abs().max() < 1e-12
 
 
-@pytest.mark.parametrize("L,block,qblock,kb", [(64, 8, 8, 3), (100, 8, 16, 2), (33, 4, 12, 100), (256, 16, 32, 4), (300, 4, 8, 5)])
+@pytest.mark.parametrize(
+    "L,block,qblock,kb", [(64, 8, 8, 3), (100, 8, 16, 2), (33, 4, 12, 100), (256, 16, 32, 4), (300, 4, 8, 5)]
+)
 def test_torch_block_backend_equals_reference(L, block, qblock, kb):
     B, H, D, v = 2, 3, 10, 6
     q = torch.randn(B, H, L, D, dtype=torch.float64, requires_grad=True)
     kv = torch.randn(B, L, D, dtype=torch.float64, requires_grad=True)
     idx = random_block_selection(B, L, kb, block, qblock)
     layout = dict(block_size=block, query_block=qblock)
-    ref = _grads(lambda q, kv: sparse_attention(q, kv, idx, scale=0.3, v_dim=v, backend="reference", **layout)[0], q, kv)
+    ref = _grads(
+        lambda q, kv: sparse_attention(q, kv, idx, scale=0.3, v_dim=v, backend="reference", **layout)[0], q, kv
+    )
     got = _grads(lambda q, kv: sparse_attention(q, kv, idx, scale=0.3, v_dim=v, backend="torch", **layout)[0], q, kv)
     for a, b in zip(ref, got):
         assert (a - b).abs().max() < 1e-9
@@ -120,7 +126,9 @@ SPARSE_MODES = {"token": {}, "block": {"block_size": 4, "query_block": 8}}
 @pytest.mark.parametrize("mode", SPARSE_MODES)
 @pytest.mark.parametrize("seq_len", [8, 29, 64])
 def test_fixed25_model_is_causal(mode, seq_len):
-    model = FixedSparseMoELLM(**tiny_model_kwargs(), keep=0.25, sparse={"warmup_steps": 0, **SPARSE_MODES[mode]}).double()
+    model = FixedSparseMoELLM(
+        **tiny_model_kwargs(), keep=0.25, sparse={"warmup_steps": 0, **SPARSE_MODES[mode]}
+    ).double()
     assert_causal(model, seq_len)
 
 

@@ -18,7 +18,9 @@ def _run(backend, q, kv, idx, gate, v_dim):
     return [out, probs, *torch.autograd.grad((out * w).sum(), inputs)]
 
 
-@pytest.mark.parametrize("L,k,H,D,v_dim,gated", [(19, 6, 3, 20, 12, False), (48, 40, 2, 16, 16, True), (33, 8, 5, 24, 8, True)])
+@pytest.mark.parametrize(
+    "L,k,H,D,v_dim,gated", [(19, 6, 3, 20, 12, False), (48, 40, 2, 16, 16, True), (33, 8, 5, 24, 8, True)]
+)
 def test_triton_token_kernel_matches_reference(L, k, H, D, v_dim, gated):
     B = 2
     q = torch.randn(B, H, L, D, device=DEVICE, requires_grad=True)
@@ -37,7 +39,9 @@ def test_triton_backend_inside_a_model_is_causal():
     from adaptive_attn.model.llm import FixedSparseMoELLM
     from tests.conftest import tiny_model_kwargs
 
-    model = FixedSparseMoELLM(**tiny_model_kwargs(), keep=0.25, sparse={"warmup_steps": 0, "backend": "triton"}).to(DEVICE)
+    model = FixedSparseMoELLM(**tiny_model_kwargs(), keep=0.25, sparse={"warmup_steps": 0, "backend": "triton"}).to(
+        DEVICE
+    )
     tokens = torch.randint(0, 50, (1, 24), device=DEVICE)
     with torch.no_grad():
         base, _ = model(tokens)

@@ -22,7 +22,11 @@ QUICK = ["experiment=quick", "callbacks=minimal", "logger=none"]
 def multirun(sweep_dir: Path, *overrides: str, env: dict | None = None) -> subprocess.CompletedProcess:
     proc = subprocess.run(
         [sys.executable, "-m", "adaptive_attn.train", "-m", *overrides, f"hydra.sweep.dir={sweep_dir}"],
-        capture_output=True, text=True, timeout=600, cwd=ROOT, env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
@@ -32,8 +36,17 @@ def multirun(sweep_dir: Path, *overrides: str, env: dict | None = None) -> subpr
 def gpu_pool_sweep(tmp_path_factory) -> Path:
     """2 models x 2 seq_len x 2 seeds through the GPU-pool launcher with a faked count of 2 GPUs."""
     sweep = tmp_path_factory.mktemp("sweep")
-    multirun(sweep, *QUICK, "data=mqar", "model=adaptive,fixed25", "seq_len=32,64", "seed=0,1",
-             "model.sparse.warmup_steps=2", "hydra/launcher=gpu_pool", "hydra.launcher.n_gpus=2")
+    multirun(
+        sweep,
+        *QUICK,
+        "data=mqar",
+        "model=adaptive,fixed25",
+        "seq_len=32,64",
+        "seed=0,1",
+        "model.sparse.warmup_steps=2",
+        "hydra/launcher=gpu_pool",
+        "hydra.launcher.n_gpus=2",
+    )
     return sweep
 
 
@@ -42,8 +55,11 @@ def test_gpu_pool_runs_jobs_in_parallel_never_sharing_a_gpu(gpu_pool_sweep):
     assert len(runs) == 8 and all(r["status"] == "ok" for r in runs)
     assert {r["cuda_visible_devices"] for r in runs} == {"0", "1"}
     assert len({r["pid"] for r in runs}) == 8  # a fresh process per job
-    overlapping = [(a, b) for a, b in itertools.combinations(runs, 2)
-                   if a["started_at"] < b["ended_at"] and b["started_at"] < a["ended_at"]]
+    overlapping = [
+        (a, b)
+        for a, b in itertools.combinations(runs, 2)
+        if a["started_at"] < b["ended_at"] and b["started_at"] < a["ended_at"]
+    ]
     assert overlapping, "no two jobs ran at the same time"
     assert all(a["cuda_visible_devices"] != b["cuda_visible_devices"] for a, b in overlapping)
 
@@ -61,7 +77,9 @@ def test_sweep_end_writes_analysis_and_notebook_runs_on_it(gpu_pool_sweep):
     nb = nbformat.read(ROOT / "notebooks" / "analysis.ipynb", as_version=4)
     os.environ["SWEEP_DIR"] = str(gpu_pool_sweep)
     try:
-        NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(ROOT / "notebooks")}}).execute()
+        NotebookClient(
+            nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(ROOT / "notebooks")}}
+        ).execute()
     finally:
         del os.environ["SWEEP_DIR"]
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
@@ -86,8 +104,13 @@ class CrashAt(L.Callback):
 
 
 def test_resume_from_last_checkpoint_matches_uninterrupted_run(compose_cfg, tmp_path):
-    common = ["experiment=quick", "model=fixed25", "model.sparse.warmup_steps=3", "trainer.max_steps=8",
-              "callbacks.model_checkpoint.every_n_train_steps=2"]
+    common = [
+        "experiment=quick",
+        "model=fixed25",
+        "model.sparse.warmup_steps=3",
+        "trainer.max_steps=8",
+        "callbacks.model_checkpoint.every_n_train_steps=2",
+    ]
     full = run(compose_cfg(common, run_dir="uninterrupted"))
 
     crash = ["+callbacks.crash._target_=tests.test_workflow.CrashAt", "+callbacks.crash.step=5"]
@@ -99,8 +122,15 @@ def test_resume_from_last_checkpoint_matches_uninterrupted_run(compose_cfg, tmp_
 
 
 def test_wandb_runs_offline_one_per_job(tmp_path):
-    multirun(tmp_path, "experiment=quick", "callbacks=minimal", "logger=wandb", "model=dense", "seed=0,1",
-             env={"WANDB_MODE": "offline", "WANDB_SILENT": "true"})
+    multirun(
+        tmp_path,
+        "experiment=quick",
+        "callbacks=minimal",
+        "logger=wandb",
+        "model=dense",
+        "seed=0,1",
+        env={"WANDB_MODE": "offline", "WANDB_SILENT": "true"},
+    )
     job_dirs = sorted(p.parent for p in tmp_path.rglob("summary.json"))
     assert len(job_dirs) == 2
     for job_dir in job_dirs:

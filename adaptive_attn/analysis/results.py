@@ -7,12 +7,39 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-METRICS = ["val_loss", "val_acc", "test_loss", "test_acc", "tokens_per_s", "step_ms", "peak_mem_bytes",
-           "keep_mean", "keep_ratio", "attn_mass_recall", "attn_mass_recall_random", "k_difficulty_spearman"]
+METRICS = [
+    "val_loss",
+    "val_acc",
+    "test_loss",
+    "test_acc",
+    "tokens_per_s",
+    "step_ms",
+    "peak_mem_bytes",
+    "keep_mean",
+    "keep_ratio",
+    "attn_mass_recall",
+    "attn_mass_recall_random",
+    "k_difficulty_spearman",
+]
 
 # two-sided 95% Student-t quantiles by degrees of freedom (normal beyond the table)
-_T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
-         12: 2.179, 15: 2.131, 20: 2.086, 25: 2.060, 30: 2.042}
+_T975 = {
+    1: 12.706,
+    2: 4.303,
+    3: 3.182,
+    4: 2.776,
+    5: 2.571,
+    6: 2.447,
+    7: 2.365,
+    8: 2.306,
+    9: 2.262,
+    10: 2.228,
+    12: 2.179,
+    15: 2.131,
+    20: 2.086,
+    25: 2.060,
+    30: 2.042,
+}
 
 
 def t_quantile(dof: int) -> float:
@@ -69,8 +96,19 @@ def load_k_vs_difficulty(runs: pd.DataFrame) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
-def format_table(agg: pd.DataFrame, metrics=("val_loss", "val_acc", "tokens_per_s", "peak_mem_bytes", "keep_mean",
-                                             "keep_ratio", "attn_mass_recall", "k_difficulty_spearman")) -> pd.DataFrame:
+def format_table(
+    agg: pd.DataFrame,
+    metrics=(
+        "val_loss",
+        "val_acc",
+        "tokens_per_s",
+        "peak_mem_bytes",
+        "keep_mean",
+        "keep_ratio",
+        "attn_mass_recall",
+        "k_difficulty_spearman",
+    ),
+) -> pd.DataFrame:
     """'mean ± ci95 (n)' strings, one column per metric."""
     table = pd.DataFrame(index=agg.index)
     for m in metrics:
@@ -80,8 +118,10 @@ def format_table(agg: pd.DataFrame, metrics=("val_loss", "val_acc", "tokens_per_
         name = "peak_mem_MiB" if m == "peak_mem_bytes" else m
         mean, ci, n = agg[(m, "mean")] * scale, agg[(m, "ci95")] * scale, agg[(m, "n")]
         digits = 0 if m in ("tokens_per_s", "peak_mem_bytes") else 3
-        table[name] = [f"{a:.{digits}f} ± {c:.{digits}f} (n={k})" if k > 1 else f"{a:.{digits}f} (n=1)"
-                       for a, c, k in zip(mean, ci.fillna(0), n)]
+        table[name] = [
+            f"{a:.{digits}f} ± {c:.{digits}f} (n={k})" if k > 1 else f"{a:.{digits}f} (n=1)"
+            for a, c, k in zip(mean, ci.fillna(0), n)
+        ]
     return table
 
 
@@ -97,13 +137,18 @@ def plot_sweep(runs: pd.DataFrame, out_dir: str | Path) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     agg = aggregate(runs)
     written = []
-    panels = [m for m in ("val_loss", "val_acc", "tokens_per_s", "peak_mem_bytes", "keep_ratio")
-              if m in agg.columns.get_level_values(0)]
+    panels = [
+        m
+        for m in ("val_loss", "val_acc", "tokens_per_s", "peak_mem_bytes", "keep_ratio")
+        if m in agg.columns.get_level_values(0)
+    ]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
     for ax, metric in zip(axes[0], panels):
         for model, frame in agg.groupby(level="model"):
             x = frame.index.get_level_values("seq_len")
-            ax.errorbar(x, frame[(metric, "mean")], yerr=frame[(metric, "ci95")].fillna(0), marker="o", capsize=3, label=model)
+            ax.errorbar(
+                x, frame[(metric, "mean")], yerr=frame[(metric, "ci95")].fillna(0), marker="o", capsize=3, label=model
+            )
         ax.set_xscale("log", base=2)
         ax.set_xlabel("seq_len")
         ax.set_title(metric + (" (bytes)" if metric == "peak_mem_bytes" else ""))
@@ -144,15 +189,26 @@ def analyse(sweep_dir: str | Path, out_dir: str | Path | None = None, plots: boo
     out_dir = Path(out_dir or sweep_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     runs.to_csv(out_dir / "results.csv", index=False)
-    lines = [f"# Sweep {sweep_dir}", "", f"{(runs['status'] == 'ok').sum()} ok, {(runs['status'] != 'ok').sum()} failed", ""]
+    lines = [
+        f"# Sweep {sweep_dir}",
+        "",
+        f"{(runs['status'] == 'ok').sum()} ok, {(runs['status'] != 'ok').sum()} failed",
+        "",
+    ]
     if (runs["status"] == "ok").any():
         lines += ["## mean ± 95% CI over seeds", "", format_table(aggregate(runs)).to_markdown(), ""]
         models = set(runs["model"])
-        pairs = [(m, b) for m in sorted(models) if m.startswith("adaptive") for b in sorted(models) if b.startswith("fixed")]
+        pairs = [
+            (m, b) for m in sorted(models) if m.startswith("adaptive") for b in sorted(models) if b.startswith("fixed")
+        ]
         comparisons = [paired_comparison(runs, m, b, metric) for m, b in pairs for metric in ("val_loss", "val_acc")]
         if comparisons:
-            lines += ["## paired differences (same seq_len and seed)", "",
-                      pd.concat(comparisons).round(4).to_markdown(index=False), ""]
+            lines += [
+                "## paired differences (same seq_len and seed)",
+                "",
+                pd.concat(comparisons).round(4).to_markdown(index=False),
+                "",
+            ]
         if plots:
             plot_sweep(runs, out_dir)
     failed = runs[runs["status"] != "ok"]

@@ -105,7 +105,9 @@ class MQARDataModule(LMDataModule):
 
     def build(self) -> dict[str, Dataset]:
         def make(n: int, offset: int) -> MQARDataset:
-            return MQARDataset(n, self.seq_len, self.vocab_size, self.min_pairs, self.max_pairs, self.data_seed + offset)
+            return MQARDataset(
+                n, self.seq_len, self.vocab_size, self.min_pairs, self.max_pairs, self.data_seed + offset
+            )
 
         return {"train": make(self.num_train, 0), "val": make(self.num_val, 1), "test": make(self.num_val, 2)}
 

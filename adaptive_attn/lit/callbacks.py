@@ -97,8 +97,13 @@ class SparsityStats(L.Callback):
         for i, dsa in enumerate(pl_module.model.sparse_layers()):
             k = dsa.last_stats.get("k_per_sequence")
             if k is not None and k.numel() > 1:
-                metrics.update({f"sparse/k_std/layer{i}": float(k.std()), f"sparse/k_min/layer{i}": float(k.min()),
-                                f"sparse/k_max/layer{i}": float(k.max())})
+                metrics.update(
+                    {
+                        f"sparse/k_std/layer{i}": float(k.std()),
+                        f"sparse/k_min/layer{i}": float(k.min()),
+                        f"sparse/k_max/layer{i}": float(k.max()),
+                    }
+                )
         if metrics:
             pl_module.log_dict(metrics)
             self.last.update(metrics)
@@ -145,11 +150,17 @@ class SparsityStats(L.Callback):
 
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
         """MQAR: pair each sequence's k (mean over its queries and the layers) with its difficulty."""
-        ks = [dsa.last_stats["k_per_sequence"] for dsa in pl_module.model.sparse_layers() if "k_per_sequence" in dsa.last_stats]
+        ks = [
+            dsa.last_stats["k_per_sequence"]
+            for dsa in pl_module.model.sparse_layers()
+            if "k_per_sequence" in dsa.last_stats
+        ]
         if "n_pairs" in batch and ks:
             per_layer = torch.stack(ks, dim=1)  # [B, layers]
             for n, k in zip(batch["n_pairs"].tolist(), per_layer.tolist()):
-                self._difficulty.append({"n_pairs": n, "k": sum(k) / len(k), **{f"k_layer{i}": v for i, v in enumerate(k)}})
+                self._difficulty.append(
+                    {"n_pairs": n, "k": sum(k) / len(k), **{f"k_layer{i}": v for i, v in enumerate(k)}}
+                )
 
     def on_test_epoch_end(self, trainer, pl_module):
         if not self._difficulty:

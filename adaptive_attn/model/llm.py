@@ -62,7 +62,13 @@ class MoELLM(nn.Module):
             Block(
                 d_model,
                 MultiHeadLatentAttention(
-                    d_model, n_heads, head_dim, rope_dim, v_head_dim, kv_rank, q_rank,
+                    d_model,
+                    n_heads,
+                    head_dim,
+                    rope_dim,
+                    v_head_dim,
+                    kv_rank,
+                    q_rank,
                     dsa=self._build_dsa(d_model, sparse, budget) if budget is not None else None,
                 ),
                 DeepSeekMoE(d_model, **(moe or {})),

@@ -34,13 +34,20 @@ def selection_block_mask(indices: torch.Tensor, seq_len: int, block_size: int, q
     # instead of skipping unselected blocks
     chosen = torch.zeros(B, n_qb, n_kb + 1, dtype=torch.bool, device=indices.device)
     chosen.scatter_(-1, indices.masked_fill(indices < 0, n_kb), True)
-    chosen = chosen[..., :n_kb] | (torch.arange(n_kb, device=indices.device)[None, :] // m == torch.arange(n_qb, device=indices.device)[:, None])
+    chosen = chosen[..., :n_kb] | (
+        torch.arange(n_kb, device=indices.device)[None, :] // m == torch.arange(n_qb, device=indices.device)[:, None]
+    )
 
     def selected_and_causal(b, h, q_idx, kv_idx):
         return chosen[b, q_idx // query_block, kv_idx // block_size] & (q_idx >= kv_idx)
 
     return BlockMask.from_kv_blocks(
-        part_num, part_idx, full_num, full_idx, BLOCK_SIZE=(query_block, block_size), mask_mod=selected_and_causal,
+        part_num,
+        part_idx,
+        full_num,
+        full_idx,
+        BLOCK_SIZE=(query_block, block_size),
+        mask_mod=selected_and_causal,
         seq_lengths=(padded, padded),
     )
 

@@ -86,7 +86,9 @@ def reference_sparse_attention(q, kv, indices, *, scale, v_dim, block_size=1, qu
     mask = selection_mask(indices, L, block_size, query_block)
     scores = torch.einsum("bhld,bsd->bhls", q, kv) * scale
     probs = scores.masked_fill(~mask[:, None], float("-inf")).softmax(-1)
-    weights = probs if slot_gate is None else probs * dense_slot_gate(slot_gate, indices, L, block_size, query_block)[:, None]
+    weights = (
+        probs if slot_gate is None else probs * dense_slot_gate(slot_gate, indices, L, block_size, query_block)[:, None]
+    )
     out = torch.einsum("bhls,bsv->bhlv", weights, kv[..., :v_dim])
     if block_size > 1:
         return out, None
@@ -137,7 +139,9 @@ def block_layout(seq_len: int, block_size: int, query_block: int) -> tuple[int, 
     return n_qb, query_block // block_size, n_qb * query_block
 
 
-def with_diagonal_blocks(indices: torch.Tensor, blocks_per_query_block: int, first_query_block: int = 0) -> torch.Tensor:
+def with_diagonal_blocks(
+    indices: torch.Tensor, blocks_per_query_block: int, first_query_block: int = 0
+) -> torch.Tensor:
     """Append each query block's own key blocks: [B, C, K] (query blocks first.. first+C) -> [B, C, K + m]"""
     B, n_qb, _ = indices.shape
     m = blocks_per_query_block
@@ -201,26 +205,35 @@ def torch_block_attention(q, kv, indices, *, scale, v_dim, block_size, query_blo
     sequence's compute follows its own k.
     """
     B, H, L, D = q.shape
-    _, _, Lp = block_layout(L, block_size, query_block)
-    q = F.pad(q, (0, 0, 0, Lp - L))
-    kv = F.pad(kv, (0, 0, 0, Lp - L))
+    n_qb, _, Lp = block_layout(L, block_size, query_block)
+    if Lp > L:
+        q, kv = F.pad(q, (0, 0, 0, Lp - L)), F.pad(kv, (0, 0, 0, Lp - L))
     used = (indices >= 0).sum(-1)  # [B, nQB]
     per_sequence = B > 1 and bool((used != used[:1]).any())
     outs = []
-    for rows_b in ([slice(b, b + 1) for b in range(B)] if per_sequence else [slice(0, B)]):
+    for rows_b in [slice(b, b + 1) for b in range(B)] if per_sequence else [slice(0, B)]:
         nb = q[rows_b].shape[0]
         chunks = []
         for qb0, qb1, slots in query_block_groups(used[rows_b].amax(0), chunk_size):
             trimmed = indices[rows_b, :, :slots]
             gate = None if slot_gate is None else slot_gate[rows_b, :, :slots]
             queries, keys, values, mask = gather_blocks(
-                q[rows_b], kv[rows_b], trimmed, block_size=block_size, query_block=query_block, qb0=qb0, qb1=qb1,
-                shared_mask=bool((trimmed[:, qb0:qb1] >= 0).all()), slot_gate=gate,
+                q[rows_b],
+                kv[rows_b],
+                trimmed,
+                block_size=block_size,
+                query_block=query_block,
+                qb0=qb0,
+                qb1=qb1,
+                shared_mask=bool((trimmed[:, qb0:qb1] >= 0).all()),
+                slot_gate=gate,
             )
             o = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, scale=scale, enable_gqa=True)
-            chunks.append(o.view(nb, qb1 - qb0, H, query_block, D).transpose(1, 2).reshape(nb, H, -1, D))
-        outs.append(torch.cat(chunks, dim=2))
-    return torch.cat(outs, dim=0)[:, :, :L, :v_dim]
+            chunks.append(o.view(nb, qb1 - qb0, H, query_block, D))
+        # [b, nQB, H, Q, D] -> [b, H, Lp, D] with a single copy
+        outs.append(torch.cat(chunks, dim=1).transpose(1, 2).reshape(nb, H, n_qb * query_block, D))
+    out = torch.cat(outs, dim=0) if len(outs) > 1 else outs[0]
+    return out[:, :, :L, :v_dim]
 
 
 def sparse_attention(

@@ -18,33 +18,82 @@ import triton.language as tl
 
 
 @triton.jit
-def _load_tile(KV, IDX, LENS, b, t, k0, s_kb, s_ks, s_ib, s_il, s_lb, s_ll,
-               D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr):
+def _load_tile(
+    KV,
+    IDX,
+    LENS,
+    b,
+    t,
+    k0,
+    s_kb,
+    s_ks,
+    s_ib,
+    s_il,
+    s_lb,
+    s_ll,
+    D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     kk = k0 + tl.arange(0, BLOCK_K)
     n = tl.load(LENS + b * s_lb + t * s_ll)
     idx = tl.load(IDX + b * s_ib + t * s_il + kk, mask=kk < n, other=-1)
     valid = idx >= 0
     d = tl.arange(0, BLOCK_D)
-    rows = tl.load(KV + b * s_kb + tl.maximum(idx, 0)[:, None] * s_ks + d[None, :],
-                   mask=valid[:, None] & (d[None, :] < D), other=0.0)
+    rows = tl.load(
+        KV + b * s_kb + tl.maximum(idx, 0)[:, None] * s_ks + d[None, :],
+        mask=valid[:, None] & (d[None, :] < D),
+        other=0.0,
+    )
     return kk, idx, valid, rows
 
 
 @triton.jit
-def _sparse_fwd(Q, KV, IDX, LENS, GATE, OUT, LSE, scale,
-                s_qb, s_qh, s_ql, s_kb, s_ks, s_ib, s_il, s_lb, s_ll, s_ob, s_oh, s_ol, s_mb, s_mh,
-                H: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, HAS_GATE: tl.constexpr,
-                BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr):
+def _sparse_fwd(
+    Q,
+    KV,
+    IDX,
+    LENS,
+    GATE,
+    OUT,
+    LSE,
+    scale,
+    s_qb,
+    s_qh,
+    s_ql,
+    s_kb,
+    s_ks,
+    s_ib,
+    s_il,
+    s_lb,
+    s_ll,
+    s_ob,
+    s_oh,
+    s_ol,
+    s_mb,
+    s_mh,
+    H: tl.constexpr,
+    D: tl.constexpr,
+    DV: tl.constexpr,
+    HAS_GATE: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     t, b = tl.program_id(0), tl.program_id(1)
     h = tl.arange(0, BLOCK_H)
     d = tl.arange(0, BLOCK_D)
-    q = tl.load(Q + b * s_qb + h[:, None] * s_qh + t * s_ql + d[None, :], mask=(h[:, None] < H) & (d[None, :] < D), other=0.0)
+    q = tl.load(
+        Q + b * s_qb + h[:, None] * s_qh + t * s_ql + d[None, :], mask=(h[:, None] < H) & (d[None, :] < D), other=0.0
+    )
     n = tl.load(LENS + b * s_lb + t * s_ll)
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
     for k0 in range(0, n, BLOCK_K):
-        kk, idx, valid, rows = _load_tile(KV, IDX, LENS, b, t, k0, s_kb, s_ks, s_ib, s_il, s_lb, s_ll, D, BLOCK_D, BLOCK_K)
+        kk, idx, valid, rows = _load_tile(
+            KV, IDX, LENS, b, t, k0, s_kb, s_ks, s_ib, s_il, s_lb, s_ll, D, BLOCK_D, BLOCK_K
+        )
         s = tl.dot(q, tl.trans(rows)).to(tl.float32) * scale
         s = tl.where(valid[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -58,30 +107,74 @@ def _sparse_fwd(Q, KV, IDX, LENS, GATE, OUT, LSE, scale,
         acc = acc * alpha[:, None] + tl.dot(p.to(rows.dtype), values).to(tl.float32)
         m_i = m_new
     acc = acc / l_i[:, None]
-    tl.store(OUT + b * s_ob + h[:, None] * s_oh + t * s_ol + d[None, :], acc.to(OUT.dtype.element_ty),
-             mask=(h[:, None] < H) & (d[None, :] < DV))
+    tl.store(
+        OUT + b * s_ob + h[:, None] * s_oh + t * s_ol + d[None, :],
+        acc.to(OUT.dtype.element_ty),
+        mask=(h[:, None] < H) & (d[None, :] < DV),
+    )
     tl.store(LSE + b * s_mb + h * s_mh + t, m_i + tl.log(l_i), mask=h < H)
 
 
 @triton.jit
-def _sparse_bwd(Q, KV, IDX, LENS, GATE, DO, LSE, DELTA, DQ, DKV, DGATE, SLOT_P, scale,
-                s_qb, s_qh, s_ql, s_kb, s_ks, s_ib, s_il, s_lb, s_ll, s_ob, s_oh, s_ol, s_mb, s_mh,
-                H: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, HAS_GATE: tl.constexpr, GRADS: tl.constexpr,
-                BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr):
+def _sparse_bwd(
+    Q,
+    KV,
+    IDX,
+    LENS,
+    GATE,
+    DO,
+    LSE,
+    DELTA,
+    DQ,
+    DKV,
+    DGATE,
+    SLOT_P,
+    scale,
+    s_qb,
+    s_qh,
+    s_ql,
+    s_kb,
+    s_ks,
+    s_ib,
+    s_il,
+    s_lb,
+    s_ll,
+    s_ob,
+    s_oh,
+    s_ol,
+    s_mb,
+    s_mh,
+    H: tl.constexpr,
+    D: tl.constexpr,
+    DV: tl.constexpr,
+    HAS_GATE: tl.constexpr,
+    GRADS: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     """GRADS: dq, dkv (atomic) and dgate; otherwise only the head-averaged slot probabilities."""
     t, b = tl.program_id(0), tl.program_id(1)
     h = tl.arange(0, BLOCK_H)
     d = tl.arange(0, BLOCK_D)
     hmask = h < H
-    q = tl.load(Q + b * s_qb + h[:, None] * s_qh + t * s_ql + d[None, :], mask=hmask[:, None] & (d[None, :] < D), other=0.0)
+    q = tl.load(
+        Q + b * s_qb + h[:, None] * s_qh + t * s_ql + d[None, :], mask=hmask[:, None] & (d[None, :] < D), other=0.0
+    )
     lse = tl.load(LSE + b * s_mb + h * s_mh + t, mask=hmask, other=0.0)
     n = tl.load(LENS + b * s_lb + t * s_ll)
     if GRADS:
-        do = tl.load(DO + b * s_ob + h[:, None] * s_oh + t * s_ol + d[None, :], mask=hmask[:, None] & (d[None, :] < DV), other=0.0)
+        do = tl.load(
+            DO + b * s_ob + h[:, None] * s_oh + t * s_ol + d[None, :],
+            mask=hmask[:, None] & (d[None, :] < DV),
+            other=0.0,
+        )
         delta = tl.load(DELTA + b * s_mb + h * s_mh + t, mask=hmask, other=0.0)
         dq = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
     for k0 in range(0, n, BLOCK_K):
-        kk, idx, valid, rows = _load_tile(KV, IDX, LENS, b, t, k0, s_kb, s_ks, s_ib, s_il, s_lb, s_ll, D, BLOCK_D, BLOCK_K)
+        kk, idx, valid, rows = _load_tile(
+            KV, IDX, LENS, b, t, k0, s_kb, s_ks, s_ib, s_il, s_lb, s_ll, D, BLOCK_D, BLOCK_K
+        )
         s = tl.dot(q, tl.trans(rows)).to(tl.float32) * scale
         p = tl.where(valid[None, :] & hmask[:, None], tl.exp(s - lse[:, None]), 0.0)
         if GRADS:
@@ -108,16 +201,33 @@ def _sparse_bwd(Q, KV, IDX, LENS, GATE, DO, LSE, DELTA, DQ, DKV, DGATE, SLOT_P, 
 
 def _launch_args(q, kv, idx, lengths, out_like, lse):
     return (
-        q.stride(0), q.stride(1), q.stride(2), kv.stride(0), kv.stride(1), idx.stride(0), idx.stride(1),
-        lengths.stride(0), lengths.stride(1), out_like.stride(0), out_like.stride(1), out_like.stride(2),
-        lse.stride(0), lse.stride(1),
+        q.stride(0),
+        q.stride(1),
+        q.stride(2),
+        kv.stride(0),
+        kv.stride(1),
+        idx.stride(0),
+        idx.stride(1),
+        lengths.stride(0),
+        lengths.stride(1),
+        out_like.stride(0),
+        out_like.stride(1),
+        out_like.stride(2),
+        lse.stride(0),
+        lse.stride(1),
     )
 
 
 def _meta(q, kv, v_dim, block_k):
     H, D = q.shape[1], q.shape[-1]
-    return dict(H=H, D=D, DV=v_dim, BLOCK_H=max(16, triton.next_power_of_2(H)),
-                BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_K=block_k)
+    return dict(
+        H=H,
+        D=D,
+        DV=v_dim,
+        BLOCK_H=max(16, triton.next_power_of_2(H)),
+        BLOCK_D=max(16, triton.next_power_of_2(D)),
+        BLOCK_K=block_k,
+    )
 
 
 class TritonSparseAttention(torch.autograd.Function):
@@ -133,12 +243,39 @@ class TritonSparseAttention(torch.autograd.Function):
         lse = torch.empty(B, H, L, device=q.device, dtype=torch.float32)
         has_gate = gate is not None
         gate_arg = gate.contiguous().float() if has_gate else idx
-        _sparse_fwd[(L, B)](q, kv, idx, lengths, gate_arg, out, lse, scale, *_launch_args(q, kv, idx, lengths, out, lse),
-                            HAS_GATE=has_gate, **_meta(q, kv, v_dim, block_k))
+        _sparse_fwd[(L, B)](
+            q,
+            kv,
+            idx,
+            lengths,
+            gate_arg,
+            out,
+            lse,
+            scale,
+            *_launch_args(q, kv, idx, lengths, out, lse),
+            HAS_GATE=has_gate,
+            **_meta(q, kv, v_dim, block_k),
+        )
         slot_p = torch.zeros(idx.shape, device=q.device, dtype=torch.float32)
-        _sparse_bwd[(L, B)](q, kv, idx, lengths, gate_arg, out, lse, lse, q, kv, slot_p, slot_p, scale,
-                            *_launch_args(q, kv, idx, lengths, out, lse), HAS_GATE=False, GRADS=False,
-                            **_meta(q, kv, v_dim, block_k))
+        _sparse_bwd[(L, B)](
+            q,
+            kv,
+            idx,
+            lengths,
+            gate_arg,
+            out,
+            lse,
+            lse,
+            q,
+            kv,
+            slot_p,
+            slot_p,
+            scale,
+            *_launch_args(q, kv, idx, lengths, out, lse),
+            HAS_GATE=False,
+            GRADS=False,
+            **_meta(q, kv, v_dim, block_k),
+        )
         ctx.save_for_backward(q, kv, idx, lengths, gate_arg, out, lse)
         ctx.scale, ctx.v_dim, ctx.block_k, ctx.has_gate = scale, v_dim, block_k, has_gate
         ctx.mark_non_differentiable(slot_p)
@@ -154,8 +291,22 @@ class TritonSparseAttention(torch.autograd.Function):
         dkv = torch.zeros(kv.shape, device=kv.device, dtype=torch.float32)
         dgate = torch.zeros(idx.shape, device=q.device, dtype=torch.float32)
         _sparse_bwd[(q.shape[2], q.shape[0])](
-            q, kv, idx, lengths, gate_arg, do, lse, delta, dq, dkv, dgate, dgate, ctx.scale,
-            *_launch_args(q, kv, idx, lengths, do, lse), HAS_GATE=ctx.has_gate, GRADS=True,
+            q,
+            kv,
+            idx,
+            lengths,
+            gate_arg,
+            do,
+            lse,
+            delta,
+            dq,
+            dkv,
+            dgate,
+            dgate,
+            ctx.scale,
+            *_launch_args(q, kv, idx, lengths, do, lse),
+            HAS_GATE=ctx.has_gate,
+            GRADS=True,
             **_meta(q, kv, ctx.v_dim, ctx.block_k),
         )
         return dq.to(q.dtype), dkv.to(kv.dtype), None, dgate if ctx.has_gate else None, None, None, None

@@ -85,8 +85,15 @@ class AdaptiveKCalculator(nn.Module):
 class DynamicSparsityController(nn.Module):
     """Budget policy `adaptive`: per-query k (tokens) from length, content complexity and entropy."""
 
-    def __init__(self, target: float = 0.25, reference_len: int = 2048, lo: float = 0.02, hi: float = 1.0,
-                 dual_lr: float = 0.5, soft_rank_tau: float = 0.1):
+    def __init__(
+        self,
+        target: float = 0.25,
+        reference_len: int = 2048,
+        lo: float = 0.02,
+        hi: float = 1.0,
+        dual_lr: float = 0.5,
+        soft_rank_tau: float = 0.1,
+    ):
         super().__init__()
         self.complexity = ContentComplexityAnalyzer()
         self.entropy = AttentionEntropyEstimator()

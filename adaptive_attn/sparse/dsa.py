@@ -112,7 +112,9 @@ class DeepSeekSparseAttention(nn.Module):
             # baseline: the same number of positions per query, chosen at random among the eligible
             random_indices = self.select(x, torch.rand_like(scores), k_hard)
             for name, chosen in (("attn_mass_recall", indices), ("attn_mass_recall_random", random_indices)):
-                self.last_stats[name] = losses.attention_mass_recall(q.detach(), kv.detach(), chosen, scale=scale, **layout)
+                self.last_stats[name] = losses.attention_mass_recall(
+                    q.detach(), kv.detach(), chosen, scale=scale, **layout
+                )
         return out, {"indexer_kl": kl}
 
     @torch.no_grad()
@@ -125,7 +127,9 @@ class DeepSeekSparseAttention(nn.Module):
             attended = (indices >= 0).sum((1, 2)).double()
         else:
             n_qb, _, _ = block_layout(seq_len, self.block_size, self.query_block)
-            queries = torch.clamp(seq_len - torch.arange(n_qb, device=indices.device) * self.query_block, max=self.query_block)
+            queries = torch.clamp(
+                seq_len - torch.arange(n_qb, device=indices.device) * self.query_block, max=self.query_block
+            )
             past = (indices >= 0).sum(-1) * self.block_size * queries  # [B, nQB]
             diag = (queries * (queries + 1) / 2).sum()  # causal pairs inside each query block
             attended = past.sum(-1).double() + diag

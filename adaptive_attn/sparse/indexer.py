@@ -25,16 +25,23 @@ class LightningIndexer(nn.Module):
         self.k_norm = nn.LayerNorm(head_dim)
         self.rope = RotaryEmbedding(rope_dim)
 
-    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x: [B, L, D] -> q [B, L, H_I, d_I] (pre-scaled), w [B, L, H_I], k [B, L, d_I]"""
+    def project(self, x: torch.Tensor, query_positions: torch.Tensor | None = None):
+        """x: [B, L, D] -> q [B, T, H_I, d_I] (pre-scaled), w [B, T, H_I], k [B, L, d_I].
+
+        Queries are projected at `query_positions` only (all L positions by default).
+        """
         B, L, _ = x.shape
         cos, sin = self.rope(L, x.dtype)
-        q = self.q_proj(x).view(B, L, self.n_heads, self.head_dim)
-        q_rope = apply_rope(q[..., : self.rope_dim].transpose(1, 2), cos, sin).transpose(1, 2)
+        xq, q_cos, q_sin = x, cos, sin
+        if query_positions is not None:
+            xq, q_cos, q_sin = x[:, query_positions], cos[query_positions], sin[query_positions]
+        T = xq.shape[1]
+        q = self.q_proj(xq).view(B, T, self.n_heads, self.head_dim)
+        q_rope = apply_rope(q[..., : self.rope_dim].transpose(1, 2), q_cos, q_sin).transpose(1, 2)
         q = torch.cat([q_rope, q[..., self.rope_dim :]], dim=-1) * self.head_dim**-0.5
         k = self.k_norm(self.k_proj(x))
         k = torch.cat([apply_rope(k[..., : self.rope_dim], cos, sin), k[..., self.rope_dim :]], dim=-1)
-        w = self.w_proj(x) * self.n_heads**-0.5
+        w = self.w_proj(xq) * self.n_heads**-0.5
         return q, w, k
 
     @staticmethod
@@ -49,7 +56,10 @@ class LightningIndexer(nn.Module):
         q, w, k = self.project(x)
         L = x.shape[1]
         scores = torch.cat(
-            [self.score(q[:, c : c + self.chunk_size], w[:, c : c + self.chunk_size], k) for c in range(0, L, self.chunk_size)],
+            [
+                self.score(q[:, c : c + self.chunk_size], w[:, c : c + self.chunk_size], k)
+                for c in range(0, L, self.chunk_size)
+            ],
             dim=1,
         )
         future = torch.ones(L, L, dtype=torch.bool, device=x.device).triu(1)
@@ -63,13 +73,13 @@ class LightningIndexer(nn.Module):
         (a score averaged over the block's queries would leak later tokens into earlier logits).
         Blocks at or after the query block are -inf; the op always attends the diagonal blocks.
         """
-        q, w, k = self.project(x)
-        B, L, _ = k.shape
+        B, L, _ = x.shape
         n_qb = -(-L // query_block)
         n_kb = n_qb * (query_block // block_size)
+        first = torch.arange(n_qb, device=x.device) * query_block
+        q, w, k = self.project(x, first)
         k = torch.nn.functional.pad(k, (0, 0, 0, n_kb * block_size - L))
         k_pooled = k.view(B, n_kb, block_size, -1).mean(2)
-        first = torch.arange(n_qb, device=x.device) * query_block
-        scores = self.score(q[:, first], w[:, first], k_pooled)
+        scores = self.score(q, w, k_pooled)
         past = torch.arange(n_kb, device=x.device)[None, :] < (first // block_size)[:, None]
         return scores.masked_fill(~past, float("-inf"))

@@ -84,7 +84,9 @@ def block_kl_selected(q, kv, scores, indices, *, scale, block_size, query_block,
     for qb0 in range(0, n_qb, chunk_size):
         qb1 = min(qb0 + chunk_size, n_qb)
         with torch.no_grad():
-            queries, keys, _, mask = gather_blocks(q, kv, indices, block_size=block_size, query_block=query_block, qb0=qb0, qb1=qb1)
+            queries, keys, _, mask = gather_blocks(
+                q, kv, indices, block_size=block_size, query_block=query_block, qb0=qb0, qb1=qb1
+            )
             logits = torch.einsum("nhqd,nsd->nhqs", queries, keys[:, 0]) * scale
             probs = logits.masked_fill(~mask, float("-inf")).softmax(-1).mean(1)  # [N, Q, S]
             probs = probs * real[qb0:qb1].repeat(B, 1)[..., None]
