@@ -1,15 +1,29 @@
 """Up-front config checks: a bad key or value stops the run with one line naming it and what is allowed."""
 
+import os
 import sys
 from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from adaptive_attn.ops.sparse_attention import BACKENDS
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 GROUPS = ("model", "data", "trainer", "logger", "callbacks", "experiment", "hydra/launcher")
 MAX_SEQ_LEN = 65536
+
+
+def wandb_offline() -> bool:
+    """`${wandb_offline:}`: W&B runs offline unless it can log in. WANDB_MODE wins when set; otherwise
+    online only with an API key (WANDB_API_KEY or ~/.netrc)."""
+    mode = os.environ.get("WANDB_MODE")
+    if mode:
+        return mode in ("offline", "disabled", "dryrun")
+    netrc = Path.home() / ".netrc"
+    return not (os.environ.get("WANDB_API_KEY") or (netrc.exists() and "api.wandb.ai" in netrc.read_text()))
+
+
+OmegaConf.register_new_resolver("wandb_offline", wandb_offline, replace=True)
 
 
 class ConfigError(ValueError):
@@ -78,6 +92,13 @@ def validate(cfg: DictConfig) -> None:
     if "keep" in m:
         keep = m.keep
         _require(isinstance(keep, (int, float)) and 0 < keep <= 1, f"model.keep={keep!r} is invalid: must be in (0, 1]")
+    if m.get("budget") is not None:
+        target = m.budget.get("target")
+        lo, hi = m.budget.get("lo", 0.0), m.budget.get("hi", 1.0)
+        _require(
+            isinstance(target, (int, float)) and lo < target < hi,
+            f"model.budget.target={target!r} is invalid: must be in ({lo}, {hi})",
+        )
     if m.get("sparse") is not None:
         s = m.sparse
         block = _int_in(cfg, "model.sparse.block_size", 1, 4096)

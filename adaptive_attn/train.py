@@ -25,18 +25,6 @@ from adaptive_attn.config import ConfigError, check_group_overrides, fail, valid
 from adaptive_attn.lit.callbacks import SparsityStats, SpeedMonitor, peak_memory_bytes
 
 
-def wandb_offline() -> bool:
-    """W&B runs offline unless it can log in: WANDB_MODE wins, else online only with an API key."""
-    mode = os.environ.get("WANDB_MODE")
-    if mode:
-        return mode in ("offline", "disabled", "dryrun")
-    netrc = Path.home() / ".netrc"
-    return not (os.environ.get("WANDB_API_KEY") or (netrc.exists() and "api.wandb.ai" in netrc.read_text()))
-
-
-OmegaConf.register_new_resolver("wandb_offline", wandb_offline, replace=True)
-
-
 def finish_wandb() -> None:
     """Close the W&B run of this job so the jobs of a sweep never merge into one run."""
     wandb = sys.modules.get("wandb")

@@ -49,10 +49,12 @@ def test_every_other_group_option_composes(compose_cfg, group, option):
         ("model.keep=1.5", "model.keep=1.5 is invalid: must be in (0, 1]"),
         ("model.sparse.backend=cuda", "model.sparse.backend='cuda' is invalid"),
         ("data.batch_size=0", "data.batch_size=0 is invalid"),
+        ("model=adaptive model.budget.target=1.5", "model.budget.target=1.5 is invalid: must be in (0.02, 1.0)"),
+        ("model.sparse.backend=flex", "model.sparse.backend=flex does not fit model.sparse.block_size=1"),
     ],
 )
 def test_bad_values_fail_validation_with_one_line(compose_cfg, override, needle):
-    cfg = compose_cfg([override])
+    cfg = compose_cfg(override.split())
     with pytest.raises(ConfigError) as err:
         validate(cfg)
     assert needle in str(err.value) and "\n" not in str(err.value)
@@ -78,3 +80,18 @@ def test_cli_rejects_bad_values_before_training(tmp_path, args, needle):
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert lines == [lines[0]] and lines[0].startswith(needle), proc.stderr
     assert not (tmp_path / "run" / "summary.json").exists()
+
+
+def test_wandb_is_offline_without_credentials_and_respects_wandb_mode(monkeypatch, tmp_path):
+    from adaptive_attn.config import wandb_offline
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    assert wandb_offline()
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    assert not wandb_offline()
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assert wandb_offline()
+    monkeypatch.setenv("WANDB_MODE", "online")
+    assert not wandb_offline()
