@@ -62,6 +62,8 @@ def test_gpu_pool_runs_jobs_in_parallel_never_sharing_a_gpu(gpu_pool_sweep):
     ]
     assert overlapping, "no two jobs ran at the same time"
     assert all(a["cuda_visible_devices"] != b["cuda_visible_devices"] for a, b in overlapping)
+    # k against MQAR difficulty: a correlation for the adaptive budget, undefined for a fixed one
+    assert all(("k_difficulty_spearman" in r) == (r["model"] == "adaptive") for r in runs)
 
 
 def test_sweep_end_writes_analysis_and_notebook_runs_on_it(gpu_pool_sweep):

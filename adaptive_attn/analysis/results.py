@@ -106,6 +106,7 @@ def format_table(
         "keep_mean",
         "keep_ratio",
         "attn_mass_recall",
+        "attn_mass_recall_random",
         "k_difficulty_spearman",
     ),
 ) -> pd.DataFrame:
@@ -119,7 +120,7 @@ def format_table(
         mean, ci, n = agg[(m, "mean")] * scale, agg[(m, "ci95")] * scale, agg[(m, "n")]
         digits = 0 if m in ("tokens_per_s", "peak_mem_bytes") else 3
         table[name] = [
-            f"{a:.{digits}f} ± {c:.{digits}f} (n={k})" if k > 1 else f"{a:.{digits}f} (n=1)"
+            "–" if k == 0 else f"{a:.{digits}f} (n=1)" if k == 1 else f"{a:.{digits}f} ± {c:.{digits}f} (n={k})"
             for a, c, k in zip(mean, ci.fillna(0), n)
         ]
     return table

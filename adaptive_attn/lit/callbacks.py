@@ -167,5 +167,6 @@ class SparsityStats(L.Callback):
             return
         self.k_vs_difficulty = pd.DataFrame(self._difficulty)
         rho = self.k_vs_difficulty["n_pairs"].corr(self.k_vs_difficulty["k"], method="spearman")
-        self.last["test_sparse/k_difficulty_spearman"] = float(rho) if rho == rho else 0.0  # NaN when k is constant
-        pl_module.log("test_sparse/k_difficulty_spearman", self.last["test_sparse/k_difficulty_spearman"])
+        if rho == rho:  # undefined (NaN) when k does not vary, as for fixed budgets
+            self.last["test_sparse/k_difficulty_spearman"] = float(rho)
+            pl_module.log("test_sparse/k_difficulty_spearman", float(rho))
