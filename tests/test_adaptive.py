@@ -121,10 +121,14 @@ def test_sequences_of_different_difficulty_get_different_k():
     assert k.shape == (2,) and k[0] != k[1]
 
 
-@pytest.mark.parametrize("model_name", ["adaptive", "adaptive_topp"])
-def test_short_run_holds_mean_keep_at_target(compose_cfg, model_name):
+@pytest.mark.parametrize(
+    "model_name,extra",
+    [("adaptive", []), ("adaptive_topp", []), ("adaptive", ["model.sparse.block_size=8"])],
+)
+def test_short_run_holds_mean_keep_at_target(compose_cfg, model_name, extra):
     cfg = compose_cfg(
         [
+            *extra,
             "experiment=quick",
             f"model={model_name}",
             "model.sparse.warmup_steps=0",

@@ -106,13 +106,12 @@ def gather_rows(kv: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
 def torch_token_attention(q, kv, indices, *, scale, v_dim, slot_gate=None, chunk_size=128):
     """Gather-based token-level sparse attention -> (out [B, H, L, v_dim], slot probs [B, L, K]).
 
-    Each chunk of queries gathers only as many slots as its queries use, per sequence when the
-    sequences' k differ, so compute follows each sequence's (and each query's) own k.
+    Each chunk of queries gathers only as many slots as its queries use, and sequences whose k differ
+    widely are processed one by one, so compute follows each sequence's (and each query's) own k.
     """
     B, H, L, D = q.shape
     used = (indices >= 0).sum(-1)  # [B, L]; valid slots come first
-    per_sequence = B > 1 and bool((used != used[:1]).any())
-    groups = [slice(b, b + 1) for b in range(B)] if per_sequence else [slice(0, B)]
+    groups = sequence_groups(F.pad(used, (0, -L % chunk_size)).view(B, -1, chunk_size))
     slot_probs = q.new_zeros(indices.shape)
     outs = []
     for rows_b in groups:
@@ -131,6 +130,17 @@ def torch_token_attention(q, kv, indices, *, scale, v_dim, slot_gate=None, chunk
             chunks.append(torch.einsum("bhck,bckv->bhcv", probs, rows)[..., :v_dim])
         outs.append(torch.cat(chunks, dim=2))
     return torch.cat(outs, dim=0), slot_probs
+
+
+def sequence_groups(used: torch.Tensor, max_padding: float = 1.25) -> list[slice]:
+    """Batch the sequences together, or one by one when their budgets differ so much that padding all
+    to the largest would cost over `max_padding` times the work of each sequence's own k.
+    used: [B, chunks, rows per chunk] slots in use."""
+    B = used.shape[0]
+    per_chunk = used.amax(-1).float()  # [B, chunks]: each sequence's own work per chunk
+    padded = B * per_chunk.amax(0).sum()
+    own = per_chunk.sum()
+    return [slice(b, b + 1) for b in range(B)] if B > 1 and padded > max_padding * own else [slice(0, B)]
 
 
 def block_layout(seq_len: int, block_size: int, query_block: int) -> tuple[int, int, int]:
@@ -163,9 +173,10 @@ def gather_blocks(q, kv, indices, *, block_size, query_block, qb0, qb1, shared_m
     m = query_block // block_size
     blocks = with_diagonal_blocks(indices[:, qb0:qb1], m, qb0)  # [B, C, Kb]
     C, Kb = blocks.shape[1], blocks.shape[2]
-    kv_blocks = kv.view(B, -1, block_size, D)
-    flat = blocks.clamp(min=0).reshape(B, C * Kb, 1, 1).expand(-1, -1, block_size, D)
-    keys = kv_blocks.gather(1, flat).view(B * C, 1, Kb * block_size, D)
+    n_kb = kv.shape[1] // block_size
+    # whole blocks are contiguous rows of [B * nKB, block_size * D]: index_select copies them at once
+    rows = (blocks.clamp(min=0) + torch.arange(B, device=q.device)[:, None, None] * n_kb).reshape(-1)
+    keys = kv.reshape(B * n_kb, block_size * D).index_select(0, rows).view(B * C, 1, Kb * block_size, D)
     values = keys
     if slot_gate is not None:
         gate = torch.cat([slot_gate[:, qb0:qb1], slot_gate.new_ones(B, C, m)], dim=-1)  # diagonal ungated
@@ -201,17 +212,16 @@ def query_block_groups(used: torch.Tensor, chunk_size: int) -> list[tuple[int, i
 def torch_block_attention(q, kv, indices, *, scale, v_dim, block_size, query_block, slot_gate=None, chunk_size=16):
     """Block-sparse attention over gathered blocks with fused SDPA -> [B, H, L, v_dim].
 
-    Sequences whose selections use different numbers of blocks are processed one by one, so each
-    sequence's compute follows its own k.
+    Sequences whose selections use widely different numbers of blocks are processed one by one, so
+    each sequence's compute follows its own k.
     """
     B, H, L, D = q.shape
     n_qb, _, Lp = block_layout(L, block_size, query_block)
     if Lp > L:
         q, kv = F.pad(q, (0, 0, 0, Lp - L)), F.pad(kv, (0, 0, 0, Lp - L))
     used = (indices >= 0).sum(-1)  # [B, nQB]
-    per_sequence = B > 1 and bool((used != used[:1]).any())
     outs = []
-    for rows_b in [slice(b, b + 1) for b in range(B)] if per_sequence else [slice(0, B)]:
+    for rows_b in sequence_groups(used[..., None]):
         nb = q[rows_b].shape[0]
         chunks = []
         for qb0, qb1, slots in query_block_groups(used[rows_b].amax(0), chunk_size):

@@ -98,6 +98,12 @@ class DeepSeekSparseAttention(nn.Module):
         positions, _, diagonal = self.rows(L, x.device)
         k = self.budget(x, scores, positions=positions, block_size=self.block_size, diagonal_tokens=diagonal)
         k_hard = k.detach().float().ceil().long().clamp(1, L) if torch.is_tensor(k) else min(k, L)
+        if not self.token_level:
+            # whole blocks are attended: count the budget as such, so that keep_mean (which adaptive
+            # budgets hold at their target) measures the compute actually spent
+            past = (torch.as_tensor(k_hard) - diagonal + self.block_size - 1) // self.block_size
+            k_hard = diagonal + past.clamp(min=0) * self.block_size
+            k_hard = k_hard if torch.is_tensor(k) else int(k_hard)
         indices = self.select(x, scores, k_hard)
         gate = self.rank_gate(k, indices.shape[-1]) if torch.is_tensor(k) and k.requires_grad else None
         out, slot_probs = sparse_attention(
