@@ -63,6 +63,7 @@ def build_summary(cfg: DictConfig, trainer: L.Trainer | None, status: str, wall_
                 perf = cb.metrics(trainer.strategy.root_device)
                 summary["tokens_per_s"] = perf["perf/tokens_per_s"]
                 summary["step_ms"] = perf["perf/step_ms"]
+                summary["peak_mem_bytes"] = int(perf["perf/peak_mem_bytes"])
             if isinstance(cb, SparsityStats) and cb.last:
                 for name in ("keep_mean", "keep_ratio", "attn_mass_recall", "attn_mass_recall_random", "indexer_kl"):
                     value = cb.last.get(f"val_sparse/{name}", cb.last.get(f"sparse/{name}"))
@@ -73,7 +74,7 @@ def build_summary(cfg: DictConfig, trainer: L.Trainer | None, status: str, wall_
                     summary["k_difficulty_spearman"] = cb.last["test_sparse/k_difficulty_spearman"]
                 if cb.k_vs_difficulty is not None:
                     cb.k_vs_difficulty.to_csv(Path(cfg.output_dir) / "k_vs_difficulty.csv", index=False)
-        summary["peak_mem_bytes"] = peak_memory_bytes(trainer.strategy.root_device)
+        summary.setdefault("peak_mem_bytes", peak_memory_bytes(trainer.strategy.root_device))
     if "keep" in cfg.model:
         summary["keep"] = cfg.model.keep
     if cfg.model.get("budget") is not None:

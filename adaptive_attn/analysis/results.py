@@ -21,6 +21,7 @@ METRICS = [
     "attn_mass_recall_random",
     "k_difficulty_spearman",
 ]
+TABLE_METRICS = [m for m in METRICS if m not in ("test_loss", "test_acc", "step_ms")]
 
 # two-sided 95% Student-t quantiles by degrees of freedom (normal beyond the table)
 _T975 = {
@@ -96,20 +97,7 @@ def load_k_vs_difficulty(runs: pd.DataFrame) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
-def format_table(
-    agg: pd.DataFrame,
-    metrics=(
-        "val_loss",
-        "val_acc",
-        "tokens_per_s",
-        "peak_mem_bytes",
-        "keep_mean",
-        "keep_ratio",
-        "attn_mass_recall",
-        "attn_mass_recall_random",
-        "k_difficulty_spearman",
-    ),
-) -> pd.DataFrame:
+def format_table(agg: pd.DataFrame, metrics=TABLE_METRICS) -> pd.DataFrame:
     """'mean ± ci95 (n)' strings, one column per metric."""
     table = pd.DataFrame(index=agg.index)
     for m in metrics:

@@ -1,5 +1,6 @@
 """Lightning callbacks: speed and memory, and per-layer sparsity statistics."""
 
+import os
 import resource
 import sys
 import time
@@ -11,11 +12,21 @@ import torch
 
 
 def peak_memory_bytes(device: torch.device) -> int:
-    """CUDA max allocated on GPU; the process's peak resident set size on CPU."""
+    """CUDA max allocated on GPU; the process's peak resident set size on CPU (since the process
+    started, so jobs sharing a process share it: `SpeedMonitor` samples one job's own peak)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss if sys.platform == "darwin" else rss * 1024
+
+
+def current_rss_bytes() -> int:
+    """Resident set size now (Linux /proc); the process peak where /proc is missing."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return peak_memory_bytes(torch.device("cpu"))
 
 
 class SpeedMonitor(L.Callback):
@@ -26,6 +37,7 @@ class SpeedMonitor(L.Callback):
         self.tokens = 0
         self.seconds = 0.0
         self.steps = 0
+        self.peak_rss = 0  # this job's largest resident set size, sampled after each step (CPU)
         self._start = 0.0
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
@@ -37,6 +49,7 @@ class SpeedMonitor(L.Callback):
         if trainer.strategy.root_device.type == "cuda":
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - self._start
+        self.peak_rss = max(self.peak_rss, current_rss_bytes())
         if trainer.global_step <= self.skip_steps:
             return
         self.tokens += (batch["tokens"].shape[1] - 1) * batch["tokens"].shape[0] * trainer.world_size
@@ -49,7 +62,7 @@ class SpeedMonitor(L.Callback):
         return {
             "perf/tokens_per_s": self.tokens / max(self.seconds, 1e-9),
             "perf/step_ms": 1000 * self.seconds / max(self.steps, 1),
-            "perf/peak_mem_bytes": float(peak_memory_bytes(device)),
+            "perf/peak_mem_bytes": float(peak_memory_bytes(device) if device.type == "cuda" else self.peak_rss),
         }
 
     def state_dict(self):
