@@ -18,9 +18,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from adaptive_attn.ops.sparse_attention import block_layout, sparse_attention
+from adaptive_attn.ops.sparse_attention import sparse_attention
+from adaptive_attn.sparse.budget import FixedBudget
+from adaptive_attn.sparse.dsa import DeepSeekSparseAttention
 from adaptive_attn.sparse.indexer import LightningIndexer
-from adaptive_attn.sparse.selector import TopKTokenSelector
 
 
 def device_name(device: torch.device) -> str:
@@ -45,38 +46,20 @@ def timeit(fn, device: torch.device, repeats: int, warmup: int = 1) -> float:
     return sorted(times)[len(times) // 2]
 
 
-class SparseLayer(torch.nn.Module):
-    """Indexer -> causal top-k -> sparse attention, as inside a DSA layer (without the KL)."""
+def sparse_layer(d_model, block_size, query_block, backend, indexer_heads, indexer_dim) -> DeepSeekSparseAttention:
+    indexer = LightningIndexer(d_model, n_heads=indexer_heads, head_dim=indexer_dim, rope_dim=min(16, indexer_dim))
+    budget = FixedBudget(1.0)  # unused: the benchmark passes k itself
+    return DeepSeekSparseAttention(indexer, budget, block_size=block_size, query_block=query_block, backend=backend)
 
-    def __init__(self, d_model, block_size, query_block, backend, indexer_heads, indexer_dim):
-        super().__init__()
-        self.indexer = LightningIndexer(
-            d_model, n_heads=indexer_heads, head_dim=indexer_dim, rope_dim=min(16, indexer_dim)
-        )
-        self.selector = TopKTokenSelector()
-        self.block_size, self.query_block, self.backend = block_size, query_block, backend
 
-    def forward(self, x, q, kv, k: int):
-        L = x.shape[1]
-        if self.block_size == 1:
-            scores = self.indexer.token_scores(x)
-            idx = self.selector(scores, k, torch.arange(1, L + 1, device=x.device))
-        else:
-            scores = self.indexer.block_scores(x, self.block_size, self.query_block)
-            n_qb, m, _ = block_layout(L, self.block_size, self.query_block)
-            past = max(math.ceil(k / self.block_size) - m, 0)
-            idx = self.selector(scores, past, torch.arange(n_qb, device=x.device) * m, include_last=False)
-        out, _ = sparse_attention(
-            q,
-            kv,
-            idx,
-            scale=q.shape[-1] ** -0.5,
-            v_dim=q.shape[-1],
-            block_size=self.block_size,
-            query_block=self.query_block,
-            backend=self.backend,
-        )
-        return out
+def run_sparse_layer(dsa: DeepSeekSparseAttention, x, q, kv, k: int) -> torch.Tensor:
+    """Indexer -> causal top-k -> sparse attention, as inside a DSA layer (without the indexer's KL)."""
+    indices = dsa.select(x, dsa.index_scores(x), k)
+    layout = dict(block_size=dsa.block_size, query_block=dsa.query_block)
+    out, _ = sparse_attention(
+        q, kv, indices, scale=q.shape[-1] ** -0.5, v_dim=q.shape[-1], backend=dsa.backend, **layout
+    )
+    return out
 
 
 def main() -> None:
@@ -105,8 +88,8 @@ def main() -> None:
     torch.manual_seed(0)
     B, H, D = args.batch, args.heads, args.head_dim
     layers = {
-        "token": SparseLayer(args.d_model, 1, 1, args.backend, args.indexer_heads, args.indexer_dim),
-        "block": SparseLayer(
+        "token": sparse_layer(args.d_model, 1, 1, args.backend, args.indexer_heads, args.indexer_dim),
+        "block": sparse_layer(
             args.d_model, args.block_size, args.query_block, args.backend, args.indexer_heads, args.indexer_dim
         ),
     }
@@ -136,7 +119,7 @@ def main() -> None:
             dense_ms[(L, ps)] = timeit(
                 lambda: run(lambda: F.scaled_dot_product_attention(qd, kd, vd, is_causal=True)), device, args.repeats
             )
-        ms = timeit(lambda: run(lambda: layers[mode](x, q, kv, k)), device, args.repeats)
+        ms = timeit(lambda: run(lambda: run_sparse_layer(layers[mode], x, q, kv, k)), device, args.repeats)
         records.append(
             {
                 "mode": mode,

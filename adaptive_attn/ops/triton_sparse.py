@@ -49,6 +49,16 @@ def _load_tile(
 
 
 @triton.jit
+def _head_block(
+    PTR, b, t, s_b, s_h, s_l, H: tl.constexpr, WIDTH: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr
+):
+    """Pointers and mask of all heads' rows of query t in sequence b: a [BLOCK_H, BLOCK_D] tile."""
+    h = tl.arange(0, BLOCK_H)
+    d = tl.arange(0, BLOCK_D)
+    return PTR + b * s_b + h[:, None] * s_h + t * s_l + d[None, :], (h[:, None] < H) & (d[None, :] < WIDTH)
+
+
+@triton.jit
 def _sparse_fwd(
     Q,
     KV,
@@ -83,9 +93,8 @@ def _sparse_fwd(
     t, b = tl.program_id(0), tl.program_id(1)
     h = tl.arange(0, BLOCK_H)
     d = tl.arange(0, BLOCK_D)
-    q = tl.load(
-        Q + b * s_qb + h[:, None] * s_qh + t * s_ql + d[None, :], mask=(h[:, None] < H) & (d[None, :] < D), other=0.0
-    )
+    q_ptrs, q_mask = _head_block(Q, b, t, s_qb, s_qh, s_ql, H, D, BLOCK_H, BLOCK_D)
+    q = tl.load(q_ptrs, mask=q_mask, other=0.0)
     n = tl.load(LENS + b * s_lb + t * s_ll)
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
@@ -107,11 +116,8 @@ def _sparse_fwd(
         acc = acc * alpha[:, None] + tl.dot(p.to(rows.dtype), values).to(tl.float32)
         m_i = m_new
     acc = acc / l_i[:, None]
-    tl.store(
-        OUT + b * s_ob + h[:, None] * s_oh + t * s_ol + d[None, :],
-        acc.to(OUT.dtype.element_ty),
-        mask=(h[:, None] < H) & (d[None, :] < DV),
-    )
+    out_ptrs, out_mask = _head_block(OUT, b, t, s_ob, s_oh, s_ol, H, DV, BLOCK_H, BLOCK_D)
+    tl.store(out_ptrs, acc.to(OUT.dtype.element_ty), mask=out_mask)
     tl.store(LSE + b * s_mb + h * s_mh + t, m_i + tl.log(l_i), mask=h < H)
 
 
@@ -158,17 +164,13 @@ def _sparse_bwd(
     h = tl.arange(0, BLOCK_H)
     d = tl.arange(0, BLOCK_D)
     hmask = h < H
-    q = tl.load(
-        Q + b * s_qb + h[:, None] * s_qh + t * s_ql + d[None, :], mask=hmask[:, None] & (d[None, :] < D), other=0.0
-    )
+    q_ptrs, q_mask = _head_block(Q, b, t, s_qb, s_qh, s_ql, H, D, BLOCK_H, BLOCK_D)
+    q = tl.load(q_ptrs, mask=q_mask, other=0.0)
     lse = tl.load(LSE + b * s_mb + h * s_mh + t, mask=hmask, other=0.0)
     n = tl.load(LENS + b * s_lb + t * s_ll)
     if GRADS:
-        do = tl.load(
-            DO + b * s_ob + h[:, None] * s_oh + t * s_ol + d[None, :],
-            mask=hmask[:, None] & (d[None, :] < DV),
-            other=0.0,
-        )
+        do_ptrs, do_mask = _head_block(DO, b, t, s_ob, s_oh, s_ol, H, DV, BLOCK_H, BLOCK_D)
+        do = tl.load(do_ptrs, mask=do_mask, other=0.0)
         delta = tl.load(DELTA + b * s_mb + h * s_mh + t, mask=hmask, other=0.0)
         dq = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
     for k0 in range(0, n, BLOCK_K):
@@ -196,7 +198,8 @@ def _sparse_bwd(
         else:
             tl.store(SLOT_P + b * s_ib + t * s_il + kk, tl.sum(p, 0) / H, mask=kk < n)
     if GRADS:
-        tl.store(DQ + b * s_qb + h[:, None] * s_qh + t * s_ql + d[None, :], dq, mask=hmask[:, None] & (d[None, :] < D))
+        dq_ptrs, _ = _head_block(DQ, b, t, s_qb, s_qh, s_ql, H, D, BLOCK_H, BLOCK_D)  # dq has q's layout
+        tl.store(dq_ptrs, dq, mask=q_mask)
 
 
 def _launch_args(q, kv, idx, lengths, out_like, lse):

@@ -12,7 +12,8 @@ logits). A query block uses the features of its first query.
 - `AdaptiveKCalculator`: keep_t = lo + (hi - lo) * sigmoid(w . f_t + b - lambda), k_t = keep_t * L.
   `lambda` is the multiplier of the budget constraint mean(keep) = target, raised by dual ascent
   when the realised mean keep is above target and lowered when below.
-- `DynamicSparsityController`: ties them together and keeps its last k and factor values for logging.
+- `DynamicSparsityController`: ties them together and keeps its last factor values for logging (the
+  sparse attention layer records the k it produced).
 """
 
 import math
@@ -86,21 +87,14 @@ class DynamicSparsityController(nn.Module):
     """Budget policy `adaptive`: per-query k (tokens) from length, content complexity and entropy."""
 
     def __init__(
-        self,
-        target: float = 0.25,
-        reference_len: int = 2048,
-        lo: float = 0.02,
-        hi: float = 1.0,
-        dual_lr: float = 0.5,
-        soft_rank_tau: float = 0.1,
+        self, target: float = 0.25, reference_len: int = 2048, lo: float = 0.02, hi: float = 1.0, dual_lr: float = 0.5
     ):
         super().__init__()
         self.complexity = ContentComplexityAnalyzer()
         self.entropy = AttentionEntropyEstimator()
         self.calculator = AdaptiveKCalculator(ContentComplexityAnalyzer.n_features + 2, target, lo, hi, dual_lr)
-        self.reference_len, self.soft_rank_tau = reference_len, soft_rank_tau
-        self.target = target
-        self.last: dict[str, torch.Tensor] = {}
+        self.reference_len = reference_len
+        self.factors: dict[str, torch.Tensor] = {}  # batch means of the last call's features, for logging
 
     def forward(self, x: torch.Tensor, scores: torch.Tensor, positions: torch.Tensor, **_) -> torch.Tensor:
         """x [B, L, D], indexer scores [B, R, S], positions [R] (each row's deciding query)
@@ -110,16 +104,14 @@ class DynamicSparsityController(nn.Module):
         entropy = self.entropy(scores.detach())
         length = torch.full_like(entropy, math.log(L) / math.log(self.reference_len))
         features = torch.cat([content, entropy[..., None], length[..., None]], dim=-1)
-        keep = self.calculator(features)
-        self.last = {
-            "keep": keep.detach(),
+        self.factors = {
             "diversity": content[..., 0].detach().mean(),
             "predictability": content[..., 1].detach().mean(),
             "variance": content[..., 2].detach().mean(),
             "entropy": entropy.mean(),
             "length": length.mean(),
         }
-        return keep * L
+        return self.calculator(features) * L
 
     def after_step(self, realised_keep: float) -> None:
         """After each training step: dual ascent on the budget constraint with the batch's mean keep."""
@@ -127,7 +119,7 @@ class DynamicSparsityController(nn.Module):
 
     def stats(self) -> dict[str, torch.Tensor]:
         return {
-            **{f"factor_{k}": v for k, v in self.last.items() if k not in ("keep", "multiplier")},
+            **{f"factor_{k}": v for k, v in self.factors.items()},
             "multiplier": self.calculator.multiplier.clone(),
-            "target": torch.tensor(self.target),
+            "target": torch.tensor(self.calculator.target),
         }

@@ -54,28 +54,33 @@ class DeepSeekSparseAttention(nn.Module):
             return self.indexer.token_scores(x)
         return self.indexer.block_scores(x, self.block_size, self.query_block)
 
-    def rows(self, seq_len: int, device) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """-> (deciding query position [R], eligible columns [R], tokens always attended per row)"""
+    @property
+    def diagonal_tokens(self) -> int:
+        """Tokens every score row attends anyway: a query block's own diagonal blocks (none for tokens)."""
+        return 0 if self.token_level else self.query_block
+
+    def rows(self, seq_len: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (deciding query position [R], eligible columns [R]) of the score rows"""
         if self.token_level:
             pos = torch.arange(seq_len, device=device)
-            return pos, pos + 1, 0
+            return pos, pos + 1
         n_qb, m, _ = block_layout(seq_len, self.block_size, self.query_block)
-        first = torch.arange(n_qb, device=device) * self.query_block
-        return first, torch.arange(n_qb, device=device) * m, self.query_block
+        return torch.arange(n_qb, device=device) * self.query_block, torch.arange(n_qb, device=device) * m
+
+    def past_blocks(self, k):
+        """k in tokens (int or tensor) -> key blocks to select before the diagonal ones (block mode)."""
+        return ((torch.as_tensor(k) - self.diagonal_tokens + self.block_size - 1) // self.block_size).clamp(min=0)
 
     def select(self, x: torch.Tensor, scores: torch.Tensor, k) -> torch.Tensor:
         """Top-k (k in tokens: int, [B] or [B, R]) over the eligible columns of each score row."""
-        _, n_eligible, diagonal = self.rows(x.shape[1], x.device)
+        _, n_eligible = self.rows(x.shape[1], x.device)
         if self.token_level:
             return self.selector(scores, k, n_eligible, include_last=True)
-        # the diagonal blocks are always attended; the rest of the budget goes to earlier blocks
-        past_blocks = (torch.as_tensor(k, device=x.device) - diagonal + self.block_size - 1) // self.block_size
-        return self.selector(scores, past_blocks.clamp(min=0), n_eligible, include_last=False)
+        return self.selector(scores, self.past_blocks(k).to(x.device), n_eligible, include_last=False)
 
     def rank_gate(self, k_soft: torch.Tensor, n_slots: int) -> torch.Tensor:
         """k_soft [B, R] (tokens, differentiable) -> gate [B, R, n_slots], exactly 1 in the forward pass."""
-        _, _, diagonal = self.rows(0, k_soft.device)
-        units = (k_soft - diagonal) / self.block_size  # the k of the slots, in score columns
+        units = (k_soft - self.diagonal_tokens) / self.block_size  # the k of the slots, in score columns
         slot = torch.arange(n_slots, device=k_soft.device, dtype=k_soft.dtype)
         tau = self.soft_rank_tau * units.detach().clamp_min(1)[..., None]
         soft = torch.sigmoid((units[..., None] - slot - 0.5) / tau)
@@ -95,14 +100,15 @@ class DeepSeekSparseAttention(nn.Module):
             self.last_stats = {"indexer_kl": kl.detach(), "keep_ratio": torch.ones(()), "keep_mean": torch.ones(())}
             return None, {"indexer_kl": kl}
 
-        positions, _, diagonal = self.rows(L, x.device)
-        k = self.budget(x, scores, positions=positions, block_size=self.block_size, diagonal_tokens=diagonal)
+        positions, _ = self.rows(L, x.device)
+        k = self.budget(
+            x, scores, positions=positions, block_size=self.block_size, diagonal_tokens=self.diagonal_tokens
+        )
         k_hard = k.detach().float().ceil().long().clamp(1, L) if torch.is_tensor(k) else min(k, L)
         if not self.token_level:
             # whole blocks are attended: count the budget as such, so that keep_mean (which adaptive
             # budgets hold at their target) measures the compute actually spent
-            past = (torch.as_tensor(k_hard) - diagonal + self.block_size - 1) // self.block_size
-            k_hard = diagonal + past.clamp(min=0) * self.block_size
+            k_hard = self.diagonal_tokens + self.past_blocks(k_hard) * self.block_size
             k_hard = k_hard if torch.is_tensor(k) else int(k_hard)
         indices = self.select(x, scores, k_hard)
         gate = self.rank_gate(k, indices.shape[-1]) if torch.is_tensor(k) and k.requires_grad else None
