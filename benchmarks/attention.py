@@ -102,7 +102,8 @@ def main() -> None:
     records, dense_ms = [], {}
     for L, mode, (kind, value), ps in tqdm(jobs, desc="benchmark"):
         x = torch.randn(B, L, args.d_model, device=device, dtype=dtype)
-        q = torch.randn(B, H, L, D, device=device, dtype=dtype, requires_grad=ps == "fwdbwd")
+        # MLA's absorbed queries are laid out [B, L, H, D] (see MultiHeadLatentAttention.absorb)
+        q = torch.randn(B, L, H, D, device=device, dtype=dtype).transpose(1, 2).requires_grad_(ps == "fwdbwd")
         kv = torch.randn(B, L, D, device=device, dtype=dtype, requires_grad=ps == "fwdbwd")
         k = min(L, math.ceil(value * L)) if kind == "keep" else min(L, int(value))
 

@@ -26,8 +26,8 @@ def build_model(name: str, overrides: list[str]):
     return instantiate(cfg.model), cfg
 
 
-def step_ms(model, batch, repeats: int, warmup: int, calibrate: int) -> float:
-    """Median time of forward + backward + AdamW step, with every DSA layer in its sparse stage.
+def training_step(model, batch, calibrate: int):
+    """-> a function running one forward + backward + AdamW step, every DSA layer in its sparse stage.
 
     First `calibrate` forward passes let adaptive budgets reach their mean-keep target (their dual
     ascent runs after each step), so the timing compares equal mean compute.
@@ -39,18 +39,21 @@ def step_ms(model, batch, repeats: int, warmup: int, calibrate: int) -> float:
         for _ in range(calibrate if any(True for _ in model.sparse_layers()) else 0):
             model(inputs)
             model.after_training_step()
-    times = []
-    for i in range(warmup + repeats):
+
+    def step() -> tuple[float, float]:
+        """-> (ms, mean keep over the layers)"""
         start = time.perf_counter()
         logits, aux = model(inputs)
         loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten()) + sum(aux.values())
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        ms = 1000 * (time.perf_counter() - start)
         model.after_training_step()
-        if i >= warmup:
-            times.append(1000 * (time.perf_counter() - start))
-    return sorted(times)[len(times) // 2]
+        keep = [float(d.last_stats["keep_mean"]) for d in model.sparse_layers()] or [1.0]
+        return ms, sum(keep) / len(keep)
+
+    return step
 
 
 def main() -> None:
@@ -58,20 +61,33 @@ def main() -> None:
     p.add_argument("--models", nargs="+", default=["dense", "fixed25", "fixed50", "adaptive", "adaptive_topp"])
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=9)
+    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--calibrate", type=int, default=40, help="forward passes for adaptive budgets to reach target")
+    p.add_argument("--calibrate", type=int, default=100, help="forward passes for adaptive budgets to reach target")
     p.add_argument("--overrides", nargs="*", default=[], help="extra Hydra overrides, e.g. model.sparse.block_size=64")
     p.add_argument("--json", help="write the records to this path")
     args = p.parse_args()
 
-    torch.manual_seed(0)
-    records = []
-    for name in tqdm(args.models, desc="models"):
+    steps = []
+    for name in tqdm(args.models, desc="build + calibrate"):
+        # same seed for every model: shared weights (budgets draw no random numbers) and the same batch,
+        # so MoE routing, and with it the expert GEMM sizes, differ only through attention
+        torch.manual_seed(args.seed)
         model, cfg = build_model(name, [f"seq_len={args.seq_len}", *args.overrides])
         tokens = torch.randint(0, cfg.data.vocab_size, (args.batch, args.seq_len + 1))
-        ms = step_ms(model, {"tokens": tokens}, args.repeats, args.warmup, args.calibrate)
-        keep = [float(d.last_stats.get("keep_mean", 1.0)) for d in model.sparse_layers()] or [1.0]
+        steps.append(training_step(model, {"tokens": tokens}, args.calibrate))
+    # models take turns step by step, so drifts of the machine's speed reach all of them alike
+    timed: list[list[tuple[float, float]]] = [[] for _ in steps]
+    for i in tqdm(range(args.warmup + args.repeats), desc="rounds"):
+        for step, t in zip(steps, timed):
+            ms_keep = step()
+            if i >= args.warmup:
+                t.append(ms_keep)
+    records = []
+    for name, t in zip(args.models, timed):
+        ms = sorted(ms for ms, _ in t)[len(t) // 2]
+        keep = [k for _, k in t]  # adaptive budgets move around their target while they train
         records.append(
             {
                 "model": name,

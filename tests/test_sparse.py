@@ -171,7 +171,16 @@ def test_fixed_keep_ratio_matches_formula():
     model(torch.randint(0, 50, (2, L)))
     k = math.ceil(keep * L)
     expected = sum(min(k, t + 1) for t in range(L)) / (L * (L + 1) / 2)
-    assert abs(float(next(model.sparse_layers()).last_stats["keep_ratio"]) - expected) < 1e-9
+    stats = next(model.sparse_layers()).last_stats
+    assert abs(float(stats["keep_ratio"]) - expected) < 1e-9
+    assert float(stats["keep_mean"]) == keep
+
+
+@pytest.mark.parametrize("keep", [0.1, 0.25, 0.5])
+def test_fixed_block_budget_attends_the_pairs_of_its_keep(keep):
+    model = FixedSparseMoELLM(**tiny_model_kwargs(), keep=keep, sparse={"warmup_steps": 0, **SPARSE_MODES["block"]})
+    model(torch.randint(0, 50, (2, 45)))
+    assert abs(float(next(model.sparse_layers()).last_stats["keep_mean"]) - keep) < 1e-12
 
 
 def test_block_kl_target_matches_a_dense_computation():

@@ -11,26 +11,26 @@ from tests.test_sparse import random_token_selection  # noqa: E402
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _run(backend, q, kv, idx, gate, v_dim):
-    out, probs = sparse_attention(q, kv, idx, scale=0.35, v_dim=v_dim, backend=backend, slot_gate=gate)
+def _run(backend, q, kv, idx, bias, v_dim):
+    out, probs = sparse_attention(q, kv, idx, scale=0.35, v_dim=v_dim, backend=backend, slot_bias=bias)
     w = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE)
-    inputs = [q, kv] + ([gate] if gate is not None else [])
+    inputs = [q, kv] + ([bias] if bias is not None else [])
     return [out, probs, *torch.autograd.grad((out * w).sum(), inputs)]
 
 
 @pytest.mark.parametrize(
-    "L,k,H,D,v_dim,gated", [(19, 6, 3, 20, 12, False), (48, 40, 2, 16, 16, True), (33, 8, 5, 24, 8, True)]
+    "L,k,H,D,v_dim,biased", [(19, 6, 3, 20, 12, False), (48, 40, 2, 16, 16, True), (33, 8, 5, 24, 8, True)]
 )
-def test_triton_token_kernel_matches_reference(L, k, H, D, v_dim, gated):
+def test_triton_token_kernel_matches_reference(L, k, H, D, v_dim, biased):
     B = 2
     q = torch.randn(B, H, L, D, device=DEVICE, requires_grad=True)
     kv = torch.randn(B, L, D, device=DEVICE, requires_grad=True)
     idx = random_token_selection(B, L, k, per_query=True).to(DEVICE)  # per-query k, -1 slots
     idx[0, :, 2:] = -1  # one sequence with a tiny k
-    gate = (torch.rand(idx.shape, device=DEVICE) + 0.5).requires_grad_() if gated else None
-    ref = _run("reference", q, kv, idx, gate, v_dim)
-    got = _run("triton", q, kv, idx, gate, v_dim)
-    for name, a, b in zip(["out", "slot_probs", "dq", "dkv", "dgate"], ref, got):
+    bias = torch.randn(idx.shape, device=DEVICE).requires_grad_() if biased else None
+    ref = _run("reference", q, kv, idx, bias, v_dim)
+    got = _run("triton", q, kv, idx, bias, v_dim)
+    for name, a, b in zip(["out", "slot_probs", "dq", "dkv", "dbias"], ref, got):
         scale = a.abs().max().clamp_min(1e-6)
         assert ((a - b).abs().max() / scale) < 1e-4, name
 

@@ -70,9 +70,13 @@ class MultiHeadLatentAttention(nn.Module):
         return o[..., : self.v_head_dim]
 
     def absorb(self, q_nope, q_rope, c_kv, k_rope) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> query in latent space [B, H, L, d_c + d_r], shared key/value rows [B, L, d_c + d_r]"""
-        q_latent = torch.einsum("bhld,hdc->bhlc", q_nope, self.w_uk)
-        return torch.cat([q_latent, q_rope], dim=-1), torch.cat([c_kv, k_rope], dim=-1)
+        """-> query in latent space [B, H, L, d_c + d_r], shared key/value rows [B, L, d_c + d_r]
+
+        The query is stored [B, L, H, ·] (returned transposed): block-sparse attention then hands each
+        query block's rows of all heads to one SDPA call without a copy."""
+        q_latent = torch.einsum("bhld,hdc->blhc", q_nope, self.w_uk)
+        q_abs = torch.cat([q_latent, q_rope.transpose(1, 2)], dim=-1).transpose(1, 2)
+        return q_abs, torch.cat([c_kv, k_rope], dim=-1)
 
     def absorbed_attention(self, q_abs: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """Dense causal MQA over the shared latent rows -> latent output [B, H, L, d_c]"""

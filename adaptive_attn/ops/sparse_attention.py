@@ -12,8 +12,8 @@ Backends:
   block mode feeds the gathered blocks to fused SDPA, reusing its flash backward.
 - `triton` (token mode): a fused kernel, forward and backward (`triton_sparse.py`), for GPUs.
 - `flex` (block mode): FlexAttention with a BlockMask built from the selection (`flex_sparse.py`);
-  compiled with a fused backward on CUDA, eager forward only on CPU. The adaptive budget's soft rank
-  gate (a weight applied after the softmax) is not expressible there, so gated calls use `torch`.
+  compiled with a fused backward on CUDA, eager forward only on CPU. Calls with a slot bias (the
+  adaptive budget's soft rank mask, which needs its gradient) use `torch`.
 - `auto`: on CUDA `triton` for tokens and `flex` for blocks; `torch` otherwise.
 """
 
@@ -67,69 +67,66 @@ def selection_mask(indices: torch.Tensor, seq_len: int, block_size: int = 1, que
     return (mask | diagonal) & causal
 
 
-def dense_slot_gate(slot_gate: torch.Tensor, indices, seq_len: int, block_size=1, query_block=1) -> torch.Tensor:
-    """Per-slot gates [B, R, K] -> per (query, key) gates [B, L, L] (1 where no slot names the key)."""
+def dense_slot_bias(slot_bias: torch.Tensor, indices, seq_len: int, block_size=1, query_block=1) -> torch.Tensor:
+    """Per-slot logit biases [B, R, K] -> per (query, key) biases [B, L, L] (0 where no slot names the key)."""
     B, R, K = indices.shape
-    if block_size > 1:  # a block slot gates all its keys, for every query of the query block
-        n_kb = -(-seq_len // query_block) * (query_block // block_size)
-        per_block = torch.ones(B, R, n_kb + 1, dtype=slot_gate.dtype, device=slot_gate.device)
-        per_block = per_block.scatter(-1, indices.masked_fill(indices < 0, n_kb), slot_gate)[..., :n_kb]
-        pos = torch.arange(seq_len, device=indices.device)
-        return per_block[:, pos // query_block][:, :, pos // block_size]
-    gate = torch.ones(B, R, seq_len + 1, dtype=slot_gate.dtype, device=slot_gate.device)
-    return gate.scatter(-1, indices.masked_fill(indices < 0, seq_len), slot_gate)[..., :seq_len]
+    n_cols = seq_len if block_size == 1 else -(-seq_len // query_block) * (query_block // block_size)
+    per_col = slot_bias.new_zeros(B, R, n_cols + 1)
+    per_col = per_col.scatter(-1, indices.masked_fill(indices < 0, n_cols), slot_bias)[..., :n_cols]
+    if block_size == 1:
+        return per_col
+    pos = torch.arange(seq_len, device=indices.device)  # a block slot biases all its keys, for every query
+    return per_col[:, pos // query_block][:, :, pos // block_size]
 
 
-def reference_sparse_attention(q, kv, indices, *, scale, v_dim, block_size=1, query_block=1, slot_gate=None):
+def reference_sparse_attention(q, kv, indices, *, scale, v_dim, block_size=1, query_block=1, slot_bias=None):
     """Dense masked attention: q [B, H, L, D], kv [B, L, D] -> (out [B, H, L, v_dim], slot probs or None)"""
     L = q.shape[2]
     mask = selection_mask(indices, L, block_size, query_block)
     scores = torch.einsum("bhld,bsd->bhls", q, kv) * scale
+    if slot_bias is not None:
+        scores = scores + dense_slot_bias(slot_bias, indices, L, block_size, query_block)[:, None]
     probs = scores.masked_fill(~mask[:, None], float("-inf")).softmax(-1)
-    weights = (
-        probs if slot_gate is None else probs * dense_slot_gate(slot_gate, indices, L, block_size, query_block)[:, None]
-    )
-    out = torch.einsum("bhls,bsv->bhlv", weights, kv[..., :v_dim])
+    out = torch.einsum("bhls,bsv->bhlv", probs, kv[..., :v_dim])
     if block_size > 1:
         return out, None
     slot_probs = probs.detach().mean(1).gather(-1, indices.clamp(min=0)) * (indices >= 0)
     return out, slot_probs
 
 
-def gather_rows(kv: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-    """kv [B, S, D], indices [B, T, K] (-1 allowed) -> [B, T, K, D] (slot -1 reads row 0)"""
-    B, T, K = indices.shape
-    flat = indices.clamp(min=0).reshape(B, T * K, 1).expand(-1, -1, kv.shape[-1])
-    return kv.gather(1, flat).view(B, T, K, -1)
-
-
-def torch_token_attention(q, kv, indices, *, scale, v_dim, slot_gate=None, chunk_size=128):
+def torch_token_attention(q, kv, indices, *, scale, v_dim, slot_bias=None, chunk_size=128):
     """Gather-based token-level sparse attention -> (out [B, H, L, v_dim], slot probs [B, L, K]).
 
-    Each chunk of queries gathers only as many slots as its queries use, and sequences whose k differ
-    widely are processed one by one, so compute follows each sequence's (and each query's) own k.
+    Queries are independent, so they are processed in order of their number of used slots: each
+    chunk of `chunk_size` queries gathers as many slots as its largest query uses, which sorting makes
+    close to every query's own k. Compute follows each query's k, not the batch maximum.
     """
     B, H, L, D = q.shape
-    used = (indices >= 0).sum(-1)  # [B, L]; valid slots come first
-    groups = sequence_groups(F.pad(used, (0, -L % chunk_size)).view(B, -1, chunk_size))
-    slot_probs = q.new_zeros(indices.shape)
-    outs = []
-    for rows_b in groups:
-        chunks = []
-        for c0 in range(0, L, chunk_size):
-            c1 = min(c0 + chunk_size, L)
-            n = max(int(used[rows_b, c0:c1].max()), 1)
-            idx = indices[rows_b, c0:c1, :n]
-            rows = gather_rows(kv[rows_b], idx)  # [b, C, n, D]
-            logits = torch.einsum("bhcd,bckd->bhck", q[rows_b, :, c0:c1], rows) * scale
-            probs = logits.masked_fill((idx < 0)[:, None], float("-inf")).softmax(-1)
-            slot_probs[rows_b, c0:c1, :n] = probs.detach().mean(1)
-            if slot_gate is not None:
-                probs = probs * slot_gate[rows_b, c0:c1, None, :n].transpose(1, 2)
-            # values are the rows' first v_dim columns; slicing the output is cheaper than the rows' gradient
-            chunks.append(torch.einsum("bhck,bckv->bhcv", probs, rows)[..., :v_dim])
-        outs.append(torch.cat(chunks, dim=2))
-    return torch.cat(outs, dim=0), slot_probs
+    K = indices.shape[-1]
+    used = (indices >= 0).sum(-1).flatten()  # [B*L]; valid slots come first
+    order = used.argsort()
+    counts = used[order]
+    # rows of kv across the batch: slot -1 reads row 0 and is masked
+    rows = (indices + torch.arange(B, device=q.device)[:, None, None] * L).masked_fill(indices < 0, -1)
+    rows = rows.view(B * L, K)[order]
+    q_sorted = q.transpose(1, 2).reshape(B * L, H, D).index_select(0, order)
+    # one bias per slot, shared by the heads ([C, 1, K]); zeros cost nothing extra inside baddbmm
+    bias = q.new_zeros(B * L, 1, K) if slot_bias is None else slot_bias.reshape(B * L, 1, K).index_select(0, order)
+    kv_rows = kv.reshape(B * L, -1)
+    slot_probs = q.new_zeros(B * L, K)
+    chunks = []
+    for c0, q_chunk, bias_chunk in zip(range(0, B * L, chunk_size), q_sorted.split(chunk_size), bias.split(chunk_size)):
+        c1 = c0 + q_chunk.shape[0]
+        n = max(int(counts[c1 - 1]), 1)
+        idx = rows[c0:c1, :n]
+        keys = kv_rows.index_select(0, idx.clamp(min=0).flatten()).view(c1 - c0, n, -1)  # [C, n, D]
+        logits = torch.baddbmm(bias_chunk[..., :n], q_chunk, keys.transpose(1, 2), alpha=scale)  # [C, H, n]
+        probs = logits.masked_fill((idx < 0)[:, None], float("-inf")).softmax(-1)
+        slot_probs[order[c0:c1], :n] = probs.detach().mean(1)
+        # values are the rows' first v_dim columns; slicing the output is cheaper than the rows' gradient
+        chunks.append(torch.einsum("chk,ckv->chv", probs, keys)[..., :v_dim])
+    out = torch.cat(chunks).index_select(0, torch.argsort(order))  # back to [B*L] order
+    return out.view(B, L, H, v_dim).transpose(1, 2), slot_probs.view(B, L, K)
 
 
 def sequence_groups(used: torch.Tensor, max_padding: float = 1.25) -> list[slice]:
@@ -160,39 +157,39 @@ def with_diagonal_blocks(
     return torch.cat([indices, diag.expand(B, -1, -1)], dim=-1)
 
 
-def gather_blocks(q, kv, indices, *, block_size, query_block, qb0, qb1, shared_mask=False, slot_gate=None):
+def query_blocks(q: torch.Tensor, query_block: int) -> torch.Tensor:
+    """q [B, H, Lp, D] -> [B, nQB, Q, H, D]; a view when q is a transposed [B, Lp, H, D] tensor, as MLA's
+    absorbed queries are."""
+    B, H, Lp, D = q.shape
+    return q.transpose(1, 2).reshape(B, Lp // query_block, query_block, H, D)
+
+
+def gather_blocks(kv, indices, *, block_size, query_block, qb0, qb1, shared_mask=False):
     """Gather the key blocks of query blocks [qb0, qb1) for SDPA.
 
-    indices [B, nQB, K] (past blocks; the diagonal blocks are appended here).
-    -> queries [B*C, H, Q, D], keys [B*C, 1, S, D], values (keys times the slot gates, if any),
-    attention mask [B*C, 1, Q, S].
+    kv [B, Lp, D], indices [B, nQB, K] (past blocks; the diagonal blocks are appended here).
+    -> keys [B, C, S, D], attention mask [B, C, Q, S].
     With `shared_mask` (every slot valid) the mask is the same for all rows: [1, 1, Q, S], past
     blocks fully visible and the diagonal causal, which spares SDPA a per-row mask.
     """
-    B, H, Lp, D = q.shape
+    B, Lp, D = kv.shape
     m = query_block // block_size
     blocks = with_diagonal_blocks(indices[:, qb0:qb1], m, qb0)  # [B, C, Kb]
     C, Kb = blocks.shape[1], blocks.shape[2]
-    n_kb = kv.shape[1] // block_size
+    n_kb = Lp // block_size
     # whole blocks are contiguous rows of [B * nKB, block_size * D]: index_select copies them at once
-    rows = (blocks.clamp(min=0) + torch.arange(B, device=q.device)[:, None, None] * n_kb).reshape(-1)
-    keys = kv.reshape(B * n_kb, block_size * D).index_select(0, rows).view(B * C, 1, Kb * block_size, D)
-    values = keys
-    if slot_gate is not None:
-        gate = torch.cat([slot_gate[:, qb0:qb1], slot_gate.new_ones(B, C, m)], dim=-1)  # diagonal ungated
-        values = keys * gate.repeat_interleave(block_size, dim=-1).view(B * C, 1, -1, 1)
-    queries = q[:, :, qb0 * query_block : qb1 * query_block].reshape(B, H, C, query_block, D).transpose(1, 2)
-    queries = queries.reshape(B * C, H, query_block, D)
-    arange_q = torch.arange(query_block, device=q.device)
+    rows = (blocks.clamp(min=0) + torch.arange(B, device=kv.device)[:, None, None] * n_kb).reshape(-1)
+    keys = kv.reshape(B * n_kb, block_size * D).index_select(0, rows).view(B, C, Kb * block_size, D)
+    arange_q = torch.arange(query_block, device=kv.device)
     if shared_mask:
-        past = torch.ones(query_block, (Kb - m) * block_size, dtype=torch.bool, device=q.device)
+        past = torch.ones(query_block, (Kb - m) * block_size, dtype=torch.bool, device=kv.device)
         mask = torch.cat([past, arange_q[None, :] <= arange_q[:, None]], dim=1)
-        return queries, keys, values, mask[None, None]
-    key_pos = (blocks[..., None] * block_size + torch.arange(block_size, device=q.device)).view(B, C, -1)
+        return keys, mask[None, None]
+    key_pos = (blocks[..., None] * block_size + torch.arange(block_size, device=kv.device)).view(B, C, -1)
     key_ok = (blocks >= 0)[..., None].expand(-1, -1, -1, block_size).reshape(B, C, -1)
-    q_pos = torch.arange(qb0, qb1, device=q.device)[:, None] * query_block + arange_q
+    q_pos = torch.arange(qb0, qb1, device=kv.device)[:, None] * query_block + arange_q
     mask = key_ok[:, :, None, :] & (key_pos[:, :, None, :] <= q_pos[None, :, :, None])
-    return queries, keys, values, mask.view(B * C, 1, query_block, -1)
+    return keys, mask
 
 
 def query_block_groups(used: torch.Tensor, chunk_size: int) -> list[tuple[int, int, int]]:
@@ -209,41 +206,56 @@ def query_block_groups(used: torch.Tensor, chunk_size: int) -> list[tuple[int, i
     return groups
 
 
-def torch_block_attention(q, kv, indices, *, scale, v_dim, block_size, query_block, slot_gate=None, chunk_size=16):
+def torch_block_attention(q, kv, indices, *, scale, v_dim, block_size, query_block, slot_bias=None, chunk_size=16):
     """Block-sparse attention over gathered blocks with fused SDPA -> [B, H, L, v_dim].
 
-    Sequences whose selections use widely different numbers of blocks are processed one by one, so
-    each sequence's compute follows its own k.
+    All heads of a query block attend the same gathered blocks, so its Q queries of H heads go to SDPA
+    as one head of Q * H rows (one large product instead of H small ones; no copy when q is laid out
+    [B, L, H, D] in memory). Sequences whose selections use widely different numbers of blocks are
+    processed one by one, so each sequence's compute follows its own k. Inputs are cut with `split`,
+    whose backward is one concatenation, rather than sliced per chunk, whose backward writes a
+    full-size zero gradient each time. A slot bias rides in one extra dimension (query 1, key
+    bias / scale), so SDPA adds it to the logits and returns its gradient through the keys'.
     """
     B, H, L, D = q.shape
     n_qb, _, Lp = block_layout(L, block_size, query_block)
+    q_rows = q.transpose(1, 2)  # [B, L, H, D]
     if Lp > L:
-        q, kv = F.pad(q, (0, 0, 0, Lp - L)), F.pad(kv, (0, 0, 0, Lp - L))
+        q_rows, kv = F.pad(q_rows, (0, 0, 0, 0, 0, Lp - L)), F.pad(kv, (0, 0, 0, Lp - L))
     used = (indices >= 0).sum(-1)  # [B, nQB]
+    seq_groups = sequence_groups(used[..., None])
+    sizes = [g.stop - g.start for g in seq_groups]
     outs = []
-    for rows_b in sequence_groups(used[..., None]):
-        nb = q[rows_b].shape[0]
+    for rows_b, q_b, kv_b in zip(seq_groups, q_rows.split(sizes), kv.split(sizes)):
+        nb = q_b.shape[0]
+        groups = query_block_groups(used[rows_b].amax(0), chunk_size)
+        q_parts = q_b.split([(qb1 - qb0) * query_block for qb0, qb1, _ in groups], dim=1)
         chunks = []
-        for qb0, qb1, slots in query_block_groups(used[rows_b].amax(0), chunk_size):
+        for (qb0, qb1, slots), q_part in zip(groups, q_parts):
             trimmed = indices[rows_b, :, :slots]
-            gate = None if slot_gate is None else slot_gate[rows_b, :, :slots]
-            queries, keys, values, mask = gather_blocks(
-                q[rows_b],
-                kv[rows_b],
+            keys, mask = gather_blocks(
+                kv_b,
                 trimmed,
                 block_size=block_size,
                 query_block=query_block,
                 qb0=qb0,
                 qb1=qb1,
                 shared_mask=bool((trimmed[:, qb0:qb1] >= 0).all()),
-                slot_gate=gate,
             )
-            o = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, scale=scale, enable_gqa=True)
-            chunks.append(o.view(nb, qb1 - qb0, H, query_block, D))
-        # [b, nQB, H, Q, D] -> [b, H, Lp, D] with a single copy
-        outs.append(torch.cat(chunks, dim=1).transpose(1, 2).reshape(nb, H, n_qb * query_block, D))
-    out = torch.cat(outs, dim=0) if len(outs) > 1 else outs[0]
-    return out[:, :, :L, :v_dim]
+            queries = q_part.reshape(-1, 1, query_block * H, D)  # one SDPA batch row per query block
+            keys = keys.flatten(0, 1)[:, None]
+            if slot_bias is not None:
+                bias = slot_bias[rows_b, qb0:qb1, :slots]
+                bias = torch.cat([bias, bias.new_zeros(nb, qb1 - qb0, query_block // block_size)], dim=-1)
+                queries = torch.cat([queries, queries.new_ones(*queries.shape[:-1], 1)], dim=-1)
+                keys = torch.cat([keys, (bias / scale).repeat_interleave(block_size, -1).view(*keys.shape[:-1], 1)], -1)
+            mask = mask.repeat_interleave(H, dim=2).flatten(0, 1)[:, None]  # one row per (query, head)
+            # values are the keys (latent rows); a bias column's output is cut off below
+            o = F.scaled_dot_product_attention(queries, keys, keys, attn_mask=mask, scale=scale)
+            chunks.append(o.view(nb, (qb1 - qb0) * query_block, H, -1))
+        outs.append(torch.cat(chunks, dim=1) if len(chunks) > 1 else chunks[0])
+    out = torch.cat(outs, dim=0) if len(outs) > 1 else outs[0]  # [B, Lp, H, D]
+    return out[:, :L, :, :v_dim].transpose(1, 2)
 
 
 def sparse_attention(
@@ -256,12 +268,12 @@ def sparse_attention(
     block_size: int = 1,
     query_block: int = 1,
     backend: str = "torch",
-    slot_gate: torch.Tensor | None = None,
+    slot_bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """q [B, H, L, D], kv [B, L, D], indices (see module doc) -> (out [B, H, L, v_dim], slot probs)
 
-    `slot_gate` ([B, R, K], same shape as indices) multiplies each slot's attention weight; it is
-    exactly 1 in the forward pass of the soft rank mask and only carries gradient to the budget.
+    `slot_bias` ([B, R, K], same shape as indices) is added to each slot's logit (after scaling); the
+    soft rank mask of the adaptive budget is exactly 0 in the forward pass and only carries gradient.
     Token mode also returns the head-averaged attention probabilities of each selected slot
     ([B, L, K], detached; the indexer's KL target), block mode None.
     """
@@ -270,13 +282,13 @@ def sparse_attention(
     if backend == "triton":
         from adaptive_attn.ops.triton_sparse import triton_token_attention
 
-        return triton_token_attention(q, kv, indices, scale=scale, v_dim=v_dim, slot_gate=slot_gate)
-    if backend == "flex" and slot_gate is None:  # FlexAttention cannot weight probabilities after softmax
+        return triton_token_attention(q, kv, indices, scale=scale, v_dim=v_dim, slot_bias=slot_bias)
+    if backend == "flex" and slot_bias is None:
         from adaptive_attn.ops.flex_sparse import flex_block_attention
 
         return flex_block_attention(q, kv, indices, scale=scale, v_dim=v_dim, **layout), None
     if backend == "reference":
-        return reference_sparse_attention(q, kv, indices, scale=scale, v_dim=v_dim, slot_gate=slot_gate, **layout)
+        return reference_sparse_attention(q, kv, indices, scale=scale, v_dim=v_dim, slot_bias=slot_bias, **layout)
     if block_size == 1:
-        return torch_token_attention(q, kv, indices, scale=scale, v_dim=v_dim, slot_gate=slot_gate)
-    return torch_block_attention(q, kv, indices, scale=scale, v_dim=v_dim, slot_gate=slot_gate, **layout), None
+        return torch_token_attention(q, kv, indices, scale=scale, v_dim=v_dim, slot_bias=slot_bias)
+    return torch_block_attention(q, kv, indices, scale=scale, v_dim=v_dim, slot_bias=slot_bias, **layout), None

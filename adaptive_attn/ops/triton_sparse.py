@@ -6,8 +6,8 @@ gathers the shared latent rows straight from `kv` (no [L, k, d] gather is materi
 online softmax. Only the first `lengths[b, t]` slots are visited (valid slots come first; -1 slots are
 skipped), so compute follows each query's own k. The backward pass recomputes the probabilities from
 the saved log-sum-exp and scatters key/value gradients with atomic adds (several queries share rows).
-An optional per-slot gate multiplies each slot's attention weight (the soft rank mask of the adaptive
-budget) and receives its gradient.
+An optional per-slot logit bias (the soft rank mask of the adaptive budget) is added to each slot's
+logit and receives its gradient (the logits' gradient summed over heads).
 
 Runs on CUDA; on CPU under TRITON_INTERPRET=1 (the tests).
 """
@@ -64,7 +64,7 @@ def _sparse_fwd(
     KV,
     IDX,
     LENS,
-    GATE,
+    BIAS,
     OUT,
     LSE,
     scale,
@@ -85,7 +85,7 @@ def _sparse_fwd(
     H: tl.constexpr,
     D: tl.constexpr,
     DV: tl.constexpr,
-    HAS_GATE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -104,14 +104,13 @@ def _sparse_fwd(
             KV, IDX, LENS, b, t, k0, s_kb, s_ks, s_ib, s_il, s_lb, s_ll, D, BLOCK_D, BLOCK_K
         )
         s = tl.dot(q, tl.trans(rows)).to(tl.float32) * scale
+        if HAS_BIAS:
+            s += tl.load(BIAS + b * s_ib + t * s_il + kk, mask=valid, other=0.0).to(tl.float32)[None, :]
         s = tl.where(valid[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp(m_i - m_new)
         p = tl.exp(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        if HAS_GATE:
-            g = tl.load(GATE + b * s_ib + t * s_il + kk, mask=valid, other=0.0).to(tl.float32)
-            p = p * g[None, :]
         values = tl.where(d[None, :] < DV, rows, 0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(rows.dtype), values).to(tl.float32)
         m_i = m_new
@@ -127,13 +126,13 @@ def _sparse_bwd(
     KV,
     IDX,
     LENS,
-    GATE,
+    BIAS,
     DO,
     LSE,
     DELTA,
     DQ,
     DKV,
-    DGATE,
+    DBIAS,
     SLOT_P,
     scale,
     s_qb,
@@ -153,13 +152,13 @@ def _sparse_bwd(
     H: tl.constexpr,
     D: tl.constexpr,
     DV: tl.constexpr,
-    HAS_GATE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
     GRADS: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """GRADS: dq, dkv (atomic) and dgate; otherwise only the head-averaged slot probabilities."""
+    """GRADS: dq, dkv (atomic) and dbias; otherwise only the head-averaged slot probabilities."""
     t, b = tl.program_id(0), tl.program_id(1)
     h = tl.arange(0, BLOCK_H)
     d = tl.arange(0, BLOCK_D)
@@ -178,21 +177,18 @@ def _sparse_bwd(
             KV, IDX, LENS, b, t, k0, s_kb, s_ks, s_ib, s_il, s_lb, s_ll, D, BLOCK_D, BLOCK_K
         )
         s = tl.dot(q, tl.trans(rows)).to(tl.float32) * scale
+        if HAS_BIAS:
+            s += tl.load(BIAS + b * s_ib + t * s_il + kk, mask=valid, other=0.0).to(tl.float32)[None, :]
         p = tl.where(valid[None, :] & hmask[:, None], tl.exp(s - lse[:, None]), 0.0)
         if GRADS:
             values = tl.where(d[None, :] < DV, rows, 0.0)
             dp = tl.dot(do, tl.trans(values)).to(tl.float32)  # dO . v_j
-            if HAS_GATE:
-                g = tl.load(GATE + b * s_ib + t * s_il + kk, mask=valid, other=0.0).to(tl.float32)
-                tl.store(DGATE + b * s_ib + t * s_il + kk, tl.sum(p * dp, 0), mask=valid)
-                pg = p * g[None, :]
-                dp = dp * g[None, :]
-            else:
-                pg = p
             ds = p * (dp - delta[:, None])
+            if HAS_BIAS:
+                tl.store(DBIAS + b * s_ib + t * s_il + kk, tl.sum(ds, 0), mask=valid)
             dq += tl.dot(ds.to(rows.dtype), rows).to(tl.float32) * scale
             dk = tl.dot(tl.trans(ds.to(q.dtype)), q).to(tl.float32) * scale
-            dv = tl.dot(tl.trans(pg.to(do.dtype)), do).to(tl.float32)
+            dv = tl.dot(tl.trans(p.to(do.dtype)), do).to(tl.float32)
             ptrs = DKV + b * s_kb + tl.maximum(idx, 0)[:, None] * s_ks + d[None, :]
             tl.atomic_add(ptrs, dk + dv, mask=valid[:, None] & (d[None, :] < D))
         else:
@@ -235,7 +231,7 @@ def _meta(q, kv, v_dim, block_k):
 
 class TritonSparseAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, kv, indices, gate, scale: float, v_dim: int, block_k: int):
+    def forward(ctx, q, kv, indices, bias, scale: float, v_dim: int, block_k: int):
         B, H, L, D = q.shape
         q, kv = q.contiguous(), kv.contiguous()
         idx = indices.to(torch.int32).contiguous()
@@ -244,19 +240,19 @@ class TritonSparseAttention(torch.autograd.Function):
         # pointer shares one layout; sliced below
         out = torch.zeros(B, H, L, D, device=q.device, dtype=q.dtype)
         lse = torch.empty(B, H, L, device=q.device, dtype=torch.float32)
-        has_gate = gate is not None
-        gate_arg = gate.contiguous().float() if has_gate else idx
+        has_bias = bias is not None
+        bias_arg = bias.contiguous().float() if has_bias else idx
         _sparse_fwd[(L, B)](
             q,
             kv,
             idx,
             lengths,
-            gate_arg,
+            bias_arg,
             out,
             lse,
             scale,
             *_launch_args(q, kv, idx, lengths, out, lse),
-            HAS_GATE=has_gate,
+            HAS_BIAS=has_bias,
             **_meta(q, kv, v_dim, block_k),
         )
         slot_p = torch.zeros(idx.shape, device=q.device, dtype=torch.float32)
@@ -265,7 +261,7 @@ class TritonSparseAttention(torch.autograd.Function):
             kv,
             idx,
             lengths,
-            gate_arg,
+            bias_arg,
             out,
             lse,
             lse,
@@ -275,47 +271,47 @@ class TritonSparseAttention(torch.autograd.Function):
             slot_p,
             scale,
             *_launch_args(q, kv, idx, lengths, out, lse),
-            HAS_GATE=False,
+            HAS_BIAS=has_bias,
             GRADS=False,
             **_meta(q, kv, v_dim, block_k),
         )
-        ctx.save_for_backward(q, kv, idx, lengths, gate_arg, out, lse)
-        ctx.scale, ctx.v_dim, ctx.block_k, ctx.has_gate = scale, v_dim, block_k, has_gate
+        ctx.save_for_backward(q, kv, idx, lengths, bias_arg, out, lse)
+        ctx.scale, ctx.v_dim, ctx.block_k, ctx.has_bias = scale, v_dim, block_k, has_bias
         ctx.mark_non_differentiable(slot_p)
         return out[..., :v_dim], slot_p
 
     @staticmethod
     def backward(ctx, dout, _):
-        q, kv, idx, lengths, gate_arg, out, lse = ctx.saved_tensors
+        q, kv, idx, lengths, bias_arg, out, lse = ctx.saved_tensors
         do = torch.zeros_like(out)
         do[..., : ctx.v_dim] = dout
         delta = (do.float() * out.float()).sum(-1).contiguous()
         dq = torch.empty(q.shape, device=q.device, dtype=torch.float32)
         dkv = torch.zeros(kv.shape, device=kv.device, dtype=torch.float32)
-        dgate = torch.zeros(idx.shape, device=q.device, dtype=torch.float32)
+        dbias = torch.zeros(idx.shape, device=q.device, dtype=torch.float32)
         _sparse_bwd[(q.shape[2], q.shape[0])](
             q,
             kv,
             idx,
             lengths,
-            gate_arg,
+            bias_arg,
             do,
             lse,
             delta,
             dq,
             dkv,
-            dgate,
-            dgate,
+            dbias,
+            dbias,
             ctx.scale,
             *_launch_args(q, kv, idx, lengths, do, lse),
-            HAS_GATE=ctx.has_gate,
+            HAS_BIAS=ctx.has_bias,
             GRADS=True,
             **_meta(q, kv, ctx.v_dim, ctx.block_k),
         )
-        return dq.to(q.dtype), dkv.to(kv.dtype), None, dgate if ctx.has_gate else None, None, None, None
+        return dq.to(q.dtype), dkv.to(kv.dtype), None, dbias if ctx.has_bias else None, None, None, None
 
 
-def triton_token_attention(q, kv, indices, *, scale, v_dim, slot_gate=None, block_k: int = 32):
+def triton_token_attention(q, kv, indices, *, scale, v_dim, slot_bias=None, block_k: int = 32):
     """q [B, H, L, D], kv [B, S, D], indices [B, L, K] (-1 = unused, valid first)
     -> (out [B, H, L, v_dim], head-averaged slot probabilities [B, L, K])"""
-    return TritonSparseAttention.apply(q, kv, indices, slot_gate, scale, v_dim, block_k)
+    return TritonSparseAttention.apply(q, kv, indices, slot_bias, scale, v_dim, block_k)

@@ -4,8 +4,9 @@ A policy is called as `budget(x, scores, positions=..., block_size=..., diagonal
 (detached) hidden states `[B, L, D]`, the indexer scores `[B, R, S]` (one row per query, or per query
 block), each row's deciding query position `[R]`, the tokens per score column and the tokens every row
 attends anyway (a query block's diagonal). It returns `k` in tokens: an int, or a tensor `[B, R]`.
-After each training step `after_step(mean keep)` lets it adjust to its target. `stats()` names what
-the SparsityStats callback logs. The adaptive controller lives in `controller.py`.
+`target` is the keep whose compute it spends: after each training step `after_step(keep)` (the fixed
+keep that would have attended as many query-key pairs) lets it adjust to it. `stats()` names what the
+SparsityStats callback logs. The adaptive controller lives in `controller.py`.
 """
 
 import math
@@ -23,6 +24,10 @@ class FixedBudget(nn.Module):
             raise ValueError(f"model.keep must be in (0, 1], got {keep}")
         self.keep = keep
 
+    @property
+    def target(self) -> float:
+        return self.keep
+
     def forward(self, x: torch.Tensor, scores: torch.Tensor, **_) -> int:
         return max(1, math.ceil(self.keep * x.shape[1]))
 
@@ -35,8 +40,8 @@ class FixedBudget(nn.Module):
 
 class AdaptiveTopP(nn.Module):
     """Per query, the smallest set of positions holding probability mass `p` of the indexer's softmax
-    (Twilight-style). `p` follows the budget by dual ascent: lowered while the mean keep is above
-    `target`, raised while below."""
+    (Twilight-style). `p` follows the budget by dual ascent: lowered while the selection spends more
+    than a fixed keep = `target` would, raised while less."""
 
     def __init__(self, target: float = 0.25, p_init: float = 0.5, lr: float = 0.5):
         super().__init__()

@@ -10,8 +10,11 @@ logits). A query block uses the features of its first query.
   positions (no extra O(L^2) attention).
 - a length factor: log(L) / log(reference length).
 - `AdaptiveKCalculator`: keep_t = lo + (hi - lo) * sigmoid(w . f_t + b - lambda), k_t = keep_t * L.
-  `lambda` is the multiplier of the budget constraint mean(keep) = target, raised by dual ascent
-  when the realised mean keep is above target and lowered when below.
+  `lambda` is the multiplier of the budget constraint "spend the compute of a fixed keep = target",
+  raised by dual ascent while the selection attends more query-key pairs than that fixed budget would
+  and lowered while fewer. (Holding mean k / L at the target instead would overspend: short prefixes
+  cannot use a large k, so a budget that gives early queries less and late ones more attends more
+  pairs than the fixed k of the same mean.)
 - `DynamicSparsityController`: ties them together and keeps its last factor values for logging (the
   sparse attention layer records the k it produced).
 """
@@ -37,13 +40,15 @@ class ContentComplexityAnalyzer(nn.Module):
     n_features = 3
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        count = torch.arange(1, x.shape[1] + 1, device=x.device, dtype=x.dtype)  # positions <= t
         unit = F.normalize(x, dim=-1)
-        diversity = 1 - prefix_mean(unit).norm(dim=-1)
         consecutive = (unit[:, 1:] * unit[:, :-1]).sum(-1)
         consecutive = torch.cat([torch.ones_like(consecutive[:, :1]), consecutive], dim=1)
-        predictability = prefix_mean(consecutive).clamp(-1, 1) * 0.5 + 0.5
-        second_moment = prefix_mean(x.pow(2)).mean(-1)
-        variance = (second_moment - prefix_mean(x).pow(2).mean(-1)).clamp_min(0) / (second_moment + 1e-6)
+        diversity = 1 - unit.cumsum(1).norm(dim=-1) / count
+        predictability = (prefix_mean(consecutive).clamp(-1, 1)) * 0.5 + 0.5
+        second_moment = prefix_mean(x.norm(dim=-1).pow(2)) / x.shape[-1]
+        mean_sq = (x.cumsum(1).norm(dim=-1) / count).pow(2) / x.shape[-1]  # |prefix mean of x|^2 / D
+        variance = (second_moment - mean_sq).clamp_min(0) / (second_moment + 1e-6)
         return torch.stack([diversity, predictability, variance], dim=-1)
 
 
@@ -51,11 +56,8 @@ class AttentionEntropyEstimator(nn.Module):
     """Indexer scores [B, R, S] (-inf where ineligible) -> normalised entropy [B, R] in [0, 1]."""
 
     def forward(self, scores: torch.Tensor) -> torch.Tensor:
-        eligible = torch.isfinite(scores)
-        logp = scores.masked_fill(~eligible, float("-inf")).log_softmax(-1)
-        p = logp.exp()
-        entropy = -(p * logp.masked_fill(~eligible, 0)).sum(-1)
-        n = eligible.sum(-1)
+        n = (scores > float("-inf")).sum(-1)
+        entropy = torch.special.entr(scores.softmax(-1)).sum(-1)  # -p log p, 0 where p = 0
         return torch.where(n > 1, entropy / n.clamp_min(2).to(scores.dtype).log(), torch.zeros_like(entropy))
 
 
@@ -70,7 +72,7 @@ class AdaptiveKCalculator(nn.Module):
         # prior: more complex / more uncertain content gets more keys; the LM loss refines it
         self.weight = nn.Parameter(torch.ones(n_features))
         self.bias = nn.Parameter(torch.tensor(math.log((target - lo) / (hi - target))))
-        self.register_buffer("multiplier", torch.zeros(()))  # lambda of mean(keep) = target
+        self.register_buffer("multiplier", torch.zeros(()))  # lambda of the budget constraint
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         centred = features - 0.5
@@ -79,7 +81,7 @@ class AdaptiveKCalculator(nn.Module):
 
     @torch.no_grad()
     def dual_step(self, realised_keep: float) -> None:
-        """Dual ascent on the budget constraint: lambda += lr * (mean keep - target)."""
+        """Dual ascent on the budget constraint: lambda += lr * (realised keep - target)."""
         self.multiplier += self.dual_lr * (realised_keep - self.target)
 
 
@@ -113,8 +115,12 @@ class DynamicSparsityController(nn.Module):
         }
         return self.calculator(features) * L
 
+    @property
+    def target(self) -> float:
+        return self.calculator.target
+
     def after_step(self, realised_keep: float) -> None:
-        """After each training step: dual ascent on the budget constraint with the batch's mean keep."""
+        """After each training step: dual ascent on the budget constraint with the batch's keep."""
         self.calculator.dual_step(realised_keep)
 
     def stats(self) -> dict[str, torch.Tensor]:

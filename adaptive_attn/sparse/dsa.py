@@ -6,10 +6,14 @@ indexer. Until `sparse_active` is switched on (after `warmup_steps`, by the trai
 trains the indexer on full causal rows and the layer attends densely.
 
 A budget that returns a differentiable k (the adaptive controller) is trained by the LM loss through a
-soft rank gate: slot j (the j-th best selected position) is weighted by
-g_j = 1 + sigmoid((k - j - 1/2) / tau) - stop_grad(sigmoid(...)), exactly 1 in the forward pass (so the
-computation is the hard top-k) while its gradient tells k how much the boundary positions matter.
+soft rank mask on the selected logits: slot j (the j-th best selected position) gets the logit bias
+b_j = log sigmoid((k - j - 1/2) / tau) - stop_grad(log sigmoid(...)), exactly 0 in the forward pass (so
+the computation is the hard top-k) while its gradient tells k how much the boundary positions matter.
+Masking logits, not weights, keeps the softmax normalised over what remains, as a smaller hard top-k
+would; and its gradient is the logits' own, which the attention backward computes anyway.
 """
+
+import math
 
 import torch
 from torch import nn
@@ -78,13 +82,38 @@ class DeepSeekSparseAttention(nn.Module):
             return self.selector(scores, k, n_eligible, include_last=True)
         return self.selector(scores, self.past_blocks(k).to(x.device), n_eligible, include_last=False)
 
-    def rank_gate(self, k_soft: torch.Tensor, n_slots: int) -> torch.Tensor:
-        """k_soft [B, R] (tokens, differentiable) -> gate [B, R, n_slots], exactly 1 in the forward pass."""
+    def hard_k(self, k, seq_len: int):
+        """Budget (float tokens, tensor or int) -> the k spent: whole tokens, or in block mode whole
+        blocks (the diagonal plus past blocks)."""
+        k_hard = k.detach().float().ceil().long().clamp(1, seq_len) if torch.is_tensor(k) else min(k, seq_len)
+        if self.token_level:
+            return k_hard
+        k_hard = self.diagonal_tokens + self.past_blocks(k_hard) * self.block_size
+        return k_hard if torch.is_tensor(k) else int(k_hard)
+
+    def attended_pairs(self, used: torch.Tensor, seq_len: int) -> torch.Tensor:
+        """Slots in use per score row [..., R] -> attended causal (query, key) pairs [...]"""
+        if self.token_level:
+            return used.sum(-1).double()
+        n_qb, _, _ = block_layout(seq_len, self.block_size, self.query_block)
+        queries = torch.clamp(seq_len - torch.arange(n_qb, device=used.device) * self.query_block, max=self.query_block)
+        diag = (queries * (queries + 1) / 2).sum()  # causal pairs inside each query block
+        return (used * self.block_size * queries).sum(-1).double() + diag
+
+    def fixed_budget_pairs(self, keep: float, seq_len: int, device) -> torch.Tensor:
+        """Causal (query, key) pairs a fixed budget `keep` attends in a sequence of `seq_len`."""
+        k = self.hard_k(max(1, math.ceil(keep * seq_len)), seq_len)
+        _, n_eligible = self.rows(seq_len, device)
+        slots = k if self.token_level else int(self.past_blocks(k))
+        return self.attended_pairs(n_eligible.clamp(max=slots), seq_len)
+
+    def rank_bias(self, k_soft: torch.Tensor, n_slots: int) -> torch.Tensor:
+        """k_soft [B, R] (tokens, differentiable) -> logit bias [B, R, n_slots], exactly 0 in the forward pass."""
         units = (k_soft - self.diagonal_tokens) / self.block_size  # the k of the slots, in score columns
         slot = torch.arange(n_slots, device=k_soft.device, dtype=k_soft.dtype)
         tau = self.soft_rank_tau * units.detach().clamp_min(1)[..., None]
-        soft = torch.sigmoid((units[..., None] - slot - 0.5) / tau)
-        return 1 + (soft - soft.detach())
+        soft = torch.nn.functional.logsigmoid((units[..., None] - slot - 0.5) / tau)
+        return soft - soft.detach()
 
     def forward(self, x, q, kv, *, scale: float, v_dim: int):
         """x [B, L, D_model], q [B, H, L, D], kv [B, L, D] -> (out [B, H, L, v_dim] or None, aux)"""
@@ -97,23 +126,19 @@ class DeepSeekSparseAttention(nn.Module):
                 kl = losses.token_kl_dense(q.detach(), kv.detach(), scores, scale=scale)
             else:
                 kl = losses.block_kl_dense(q.detach(), kv.detach(), scores, scale=scale, **layout)
-            self.last_stats = {"indexer_kl": kl.detach(), "keep_ratio": torch.ones(()), "keep_mean": torch.ones(())}
+            dense = torch.ones(())
+            self.last_stats = {"indexer_kl": kl.detach(), "keep_ratio": dense, "keep_mean": dense}
             return None, {"indexer_kl": kl}
 
         positions, _ = self.rows(L, x.device)
         k = self.budget(
             x, scores, positions=positions, block_size=self.block_size, diagonal_tokens=self.diagonal_tokens
         )
-        k_hard = k.detach().float().ceil().long().clamp(1, L) if torch.is_tensor(k) else min(k, L)
-        if not self.token_level:
-            # whole blocks are attended: count the budget as such, so that keep_mean (which adaptive
-            # budgets hold at their target) measures the compute actually spent
-            k_hard = self.diagonal_tokens + self.past_blocks(k_hard) * self.block_size
-            k_hard = k_hard if torch.is_tensor(k) else int(k_hard)
+        k_hard = self.hard_k(k, L)
         indices = self.select(x, scores, k_hard)
-        gate = self.rank_gate(k, indices.shape[-1]) if torch.is_tensor(k) and k.requires_grad else None
+        bias = self.rank_bias(k, indices.shape[-1]) if torch.is_tensor(k) and k.requires_grad else None
         out, slot_probs = sparse_attention(
-            q, kv, indices, scale=scale, v_dim=v_dim, backend=self.backend, slot_gate=gate, **layout
+            q, kv, indices, scale=scale, v_dim=v_dim, backend=self.backend, slot_bias=bias, **layout
         )
         if self.token_level:
             kl = losses.token_kl_selected(slot_probs, scores, indices)
@@ -131,25 +156,21 @@ class DeepSeekSparseAttention(nn.Module):
 
     @torch.no_grad()
     def selection_stats(self, indices: torch.Tensor, k, seq_len: int) -> dict[str, torch.Tensor]:
-        """keep_mean: mean k / L (the budget, as for fixed keep); keep_ratio: attended causal
-        (query, key) pairs / all causal pairs; k per sequence (mean over its rows)."""
+        """keep_mean: the keep of the fixed budget that would attend as many causal (query, key) pairs
+        (a fixed budget's own keep; adaptive budgets hold it at their target, so that they spend the
+        compute of the fixed budget at that keep); keep_ratio: attended causal pairs / all causal pairs;
+        k (tokens) per sequence, mean over its rows. Mean k / L is not the measure of compute: a query
+        cannot attend more positions than precede it, so a budget that gives early queries less and
+        late ones more attends more pairs than a fixed k of the same mean."""
         B = indices.shape[0]
-        causal_pairs = seq_len * (seq_len + 1) / 2
-        if self.token_level:
-            attended = (indices >= 0).sum((1, 2)).double()
-        else:
-            n_qb, _, _ = block_layout(seq_len, self.block_size, self.query_block)
-            queries = torch.clamp(
-                seq_len - torch.arange(n_qb, device=indices.device) * self.query_block, max=self.query_block
-            )
-            past = (indices >= 0).sum(-1) * self.block_size * queries  # [B, nQB]
-            diag = (queries * (queries + 1) / 2).sum()  # causal pairs inside each query block
-            attended = past.sum(-1).double() + diag
+        attended = self.attended_pairs((indices >= 0).sum(-1), seq_len)  # [B]
+        target = self.budget.target
+        fixed = self.fixed_budget_pairs(target, seq_len, indices.device)
         k = torch.as_tensor(k, dtype=torch.float64, device=indices.device)
         k_seq = (k.reshape(B, -1) if k.dim() else k.expand(B, 1)).mean(-1)
         return {
-            "keep_ratio": (attended / causal_pairs).mean(),
-            "keep_mean": k_seq.mean() / seq_len,
+            "keep_ratio": (attended / (seq_len * (seq_len + 1) / 2)).mean(),
+            "keep_mean": target * attended.mean() / fixed,
             "k_mean": k_seq.mean(),
             "k_per_sequence": k_seq.float(),
             "k_values": k.float().flatten() if k.dim() else k.float().reshape(1),

@@ -10,7 +10,7 @@ summed over that block's queries. Everything runs in query chunks to bound memor
 
 import torch
 
-from adaptive_attn.ops.sparse_attention import block_layout, gather_blocks, selection_mask
+from adaptive_attn.ops.sparse_attention import block_layout, gather_blocks, query_blocks, selection_mask
 
 
 def _kl(target: torch.Tensor, index_scores: torch.Tensor) -> torch.Tensor:
@@ -84,11 +84,11 @@ def block_kl_selected(q, kv, scores, indices, *, scale, block_size, query_block,
     for qb0 in range(0, n_qb, chunk_size):
         qb1 = min(qb0 + chunk_size, n_qb)
         with torch.no_grad():
-            queries, keys, _, mask = gather_blocks(
-                q, kv, indices, block_size=block_size, query_block=query_block, qb0=qb0, qb1=qb1
-            )
-            logits = torch.einsum("nhqd,nsd->nhqs", queries, keys[:, 0]) * scale
-            probs = logits.masked_fill(~mask, float("-inf")).softmax(-1).mean(1)  # [N, Q, S]
+            keys, mask = gather_blocks(kv, indices, block_size=block_size, query_block=query_block, qb0=qb0, qb1=qb1)
+            queries = query_blocks(q, query_block)[:, qb0:qb1]  # [B, C, Q, H, D]
+            logits = torch.einsum("bcqhd,bcsd->bcqhs", queries, keys) * scale
+            logits = logits.masked_fill(~mask[:, :, :, None], float("-inf"))
+            probs = logits.softmax(-1).mean(3).flatten(0, 1)  # [B*C, Q, S]
             probs = probs * real[qb0:qb1].repeat(B, 1)[..., None]
             mass = probs.sum(1).view(B, qb1 - qb0, -1, block_size).sum(-1)[..., :K]
             target = _normalise(mass * (indices[:, qb0:qb1] >= 0))
