@@ -29,11 +29,13 @@ def build_model(name: str, overrides: list[str]):
 def training_step(model, batch, calibrate: int):
     """-> a function running one forward + backward + AdamW step, every DSA layer in its sparse stage.
 
-    First `calibrate` forward passes let adaptive budgets reach their mean-keep target (their dual
-    ascent runs after each step), so the timing compares equal mean compute.
+    First `calibrate` forward passes let adaptive budgets reach their target (their dual ascent runs
+    after each step), so the timing compares equal compute. The optimizer runs with lr 0: the step does
+    all its arithmetic, but the weights (and with them MoE routing and the adaptive budgets) stay where
+    calibration left them instead of drifting on the one repeated batch.
     """
     model.set_training_step(10**9)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.0)
     inputs, targets = split_batch(batch)
     with torch.no_grad():
         for _ in range(calibrate if any(True for _ in model.sparse_layers()) else 0):

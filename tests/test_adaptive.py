@@ -47,6 +47,7 @@ def test_controller_features_are_prefix_statistics():
     scores = torch.randn(2, 30, 30).masked_fill(torch.ones(30, 30, dtype=torch.bool).triu(1), float("-inf"))
     entropy = AttentionEntropyEstimator()(scores)
     assert entropy[:, 0].eq(0).all() and ((entropy >= 0) & (entropy <= 1 + 1e-6)).all()
+    assert torch.equal(AttentionEntropyEstimator()(scores, torch.arange(1, 31)), entropy)
     uniform = AttentionEntropyEstimator()(torch.zeros(1, 1, 8))
     assert torch.allclose(uniform, torch.ones(1, 1))
 

@@ -1,9 +1,10 @@
 """Budget policies: how many keys (`k`, in tokens) each query may attend.
 
-A policy is called as `budget(x, scores, positions=..., block_size=..., diagonal_tokens=...)` with the
-(detached) hidden states `[B, L, D]`, the indexer scores `[B, R, S]` (one row per query, or per query
-block), each row's deciding query position `[R]`, the tokens per score column and the tokens every row
-attends anyway (a query block's diagonal). It returns `k` in tokens: an int, or a tensor `[B, R]`.
+A policy is called as `budget(x, scores, positions=..., n_eligible=..., block_size=..., diagonal_tokens=...)`
+with the (detached) hidden states `[B, L, D]`, the indexer scores `[B, R, S]` (one row per query, or per
+query block), each row's deciding query position and number of eligible columns `[R]`, the tokens per
+score column and the tokens every row attends anyway (a query block's diagonal). It returns `k` in
+tokens: an int, or a tensor `[B, R]`.
 `target` is the keep whose compute it spends: after each training step `after_step(keep)` (the fixed
 keep that would have attended as many query-key pairs) lets it adjust to it. `stats()` names what the
 SparsityStats callback logs. The adaptive controller lives in `controller.py`.

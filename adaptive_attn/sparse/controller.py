@@ -53,10 +53,11 @@ class ContentComplexityAnalyzer(nn.Module):
 
 
 class AttentionEntropyEstimator(nn.Module):
-    """Indexer scores [B, R, S] (-inf where ineligible) -> normalised entropy [B, R] in [0, 1]."""
+    """Indexer scores [B, R, S] (-inf where ineligible) -> normalised entropy [B, R] in [0, 1].
+    `n_eligible` [R] (eligible columns per row) spares counting the finite scores."""
 
-    def forward(self, scores: torch.Tensor) -> torch.Tensor:
-        n = (scores > float("-inf")).sum(-1)
+    def forward(self, scores: torch.Tensor, n_eligible: torch.Tensor | None = None) -> torch.Tensor:
+        n = (scores > float("-inf")).sum(-1) if n_eligible is None else n_eligible
         entropy = torch.special.entr(scores.softmax(-1)).sum(-1)  # -p log p, 0 where p = 0
         return torch.where(n > 1, entropy / n.clamp_min(2).to(scores.dtype).log(), torch.zeros_like(entropy))
 
@@ -98,12 +99,14 @@ class DynamicSparsityController(nn.Module):
         self.reference_len = reference_len
         self.factors: dict[str, torch.Tensor] = {}  # batch means of the last call's features, for logging
 
-    def forward(self, x: torch.Tensor, scores: torch.Tensor, positions: torch.Tensor, **_) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, scores: torch.Tensor, positions: torch.Tensor, n_eligible=None, **_
+    ) -> torch.Tensor:
         """x [B, L, D], indexer scores [B, R, S], positions [R] (each row's deciding query)
         -> k [B, R] (float tokens, differentiable in the calculator's parameters)."""
         L = x.shape[1]
         content = self.complexity(x)[:, positions]
-        entropy = self.entropy(scores.detach())
+        entropy = self.entropy(scores.detach(), n_eligible)
         length = torch.full_like(entropy, math.log(L) / math.log(self.reference_len))
         features = torch.cat([content, entropy[..., None], length[..., None]], dim=-1)
         self.factors = {

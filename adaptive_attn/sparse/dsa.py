@@ -130,9 +130,14 @@ class DeepSeekSparseAttention(nn.Module):
             self.last_stats = {"indexer_kl": kl.detach(), "keep_ratio": dense, "keep_mean": dense}
             return None, {"indexer_kl": kl}
 
-        positions, _ = self.rows(L, x.device)
+        positions, n_eligible = self.rows(L, x.device)
         k = self.budget(
-            x, scores, positions=positions, block_size=self.block_size, diagonal_tokens=self.diagonal_tokens
+            x,
+            scores,
+            positions=positions,
+            n_eligible=n_eligible,
+            block_size=self.block_size,
+            diagonal_tokens=self.diagonal_tokens,
         )
         k_hard = self.hard_k(k, L)
         indices = self.select(x, scores, k_hard)
