@@ -30,20 +30,22 @@ def device_name(device: torch.device) -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
-def timeit(fn, device: torch.device, repeats: int, warmup: int = 1) -> float:
-    """Median wall time of fn() in ms."""
+def timeit_pair(fn_a, fn_b, device: torch.device, repeats: int, warmup: int = 1) -> tuple[float, float]:
+    """Median wall times (ms) of fn_a() and fn_b(), run in turns so that drifts of the machine's speed
+    reach both alike."""
     for _ in range(warmup):
-        fn()
-    times = []
+        fn_a(), fn_b()
+    times: tuple[list[float], list[float]] = ([], [])
     for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(1000 * (time.perf_counter() - start))
-    return sorted(times)[len(times) // 2]
+        for fn, t in zip((fn_a, fn_b), times):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t.append(1000 * (time.perf_counter() - start))
+    return sorted(times[0])[repeats // 2], sorted(times[1])[repeats // 2]
 
 
 def sparse_layer(d_model, block_size, query_block, backend, indexer_heads, indexer_dim) -> DeepSeekSparseAttention:
@@ -80,7 +82,7 @@ def main() -> None:
     p.add_argument("--backend", default="auto")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--json", help="write the records to this path")
     args = p.parse_args()
 
@@ -99,7 +101,7 @@ def main() -> None:
     jobs = [
         (L, mode, budget, ps) for L in args.lengths for ps in args.passes for mode in args.modes for budget in budgets
     ]
-    records, dense_ms = [], {}
+    records = []
     for L, mode, (kind, value), ps in tqdm(jobs, desc="benchmark"):
         x = torch.randn(B, L, args.d_model, device=device, dtype=dtype)
         # MLA's absorbed queries are laid out [B, L, H, D] (see MultiHeadLatentAttention.absorb)
@@ -114,13 +116,14 @@ def main() -> None:
             else:
                 fn().float().sum().backward()
 
-        if (L, ps) not in dense_ms:
-            qd = torch.randn(B, H, L, D, device=device, dtype=dtype, requires_grad=ps == "fwdbwd")
-            kd, vd = (torch.randn_like(qd).requires_grad_(ps == "fwdbwd") for _ in range(2))
-            dense_ms[(L, ps)] = timeit(
-                lambda: run(lambda: F.scaled_dot_product_attention(qd, kd, vd, is_causal=True)), device, args.repeats
-            )
-        ms = timeit(lambda: run(lambda: run_sparse_layer(layers[mode], x, q, kv, k)), device, args.repeats)
+        qd = torch.randn(B, H, L, D, device=device, dtype=dtype, requires_grad=ps == "fwdbwd")
+        kd, vd = (torch.randn_like(qd).requires_grad_(ps == "fwdbwd") for _ in range(2))
+        ms, dense_ms = timeit_pair(
+            lambda: run(lambda: run_sparse_layer(layers[mode], x, q, kv, k)),
+            lambda: run(lambda: F.scaled_dot_product_attention(qd, kd, vd, is_causal=True)),
+            device,
+            args.repeats,
+        )
         records.append(
             {
                 "mode": mode,
@@ -129,8 +132,8 @@ def main() -> None:
                 "k": k,
                 "pass": ps,
                 "ms": round(ms, 3),
-                "dense_ms": round(dense_ms[(L, ps)], 3),
-                "ratio_vs_dense": round(ms / dense_ms[(L, ps)], 3),
+                "dense_ms": round(dense_ms, 3),
+                "ratio_vs_dense": round(ms / dense_ms, 3),
                 "device": device_name(device),
                 "dtype": args.dtype,
                 "B": B,

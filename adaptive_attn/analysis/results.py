@@ -155,7 +155,9 @@ def plot_sweep(runs: pd.DataFrame, out_dir: str | Path) -> list[Path]:
         fig, axes = plt.subplots(1, len(layers) + 1, figsize=(3.6 * (len(layers) + 1), 3.2), squeeze=False)
         for ax, layer in zip(axes[0], layers):
             for model, frame in k.groupby("model"):
-                ax.hist(frame[layer], bins=30, alpha=0.6, label=model)
+                values = frame[layer].dropna()  # runs that did not record this layer
+                if len(values):
+                    ax.hist(values, bins=30, alpha=0.6, label=model)
             ax.set_title(f"k per sequence, {layer.removeprefix('k_')}")
         ax = axes[0][-1]
         for model, frame in k.groupby("model"):
