@@ -154,3 +154,19 @@ def test_top_p_keeps_fewer_positions_where_the_indexer_is_confident():
     assert k[0, 0] == 90 and k[1, 0] == 3
     budget.after_step(0.5)  # above target -> p falls
     assert budget.p < 0.9
+
+
+@pytest.mark.parametrize("mode", SPARSE_MODES)
+def test_float32_rank_bias_drives_bfloat16_attention(mode):
+    layout = {"block_size": 1, "query_block": 1, **SPARSE_MODES[mode]}
+    B, H, L, D = 2, 3, 40, 8
+    q = torch.randn(B, H, L, D, dtype=torch.bfloat16, requires_grad=True)
+    kv = torch.randn(B, L, D, dtype=torch.bfloat16, requires_grad=True)
+    if mode == "token":
+        idx = random_token_selection(B, L, 10, per_query=True)
+    else:
+        idx = random_block_selection(B, L, 2, layout["block_size"], layout["query_block"])
+    bias = torch.zeros(idx.shape, requires_grad=True)  # the controller's soft rank mask stays float32
+    out, _ = sparse_attention(q, kv, idx, scale=0.3, v_dim=D, backend="torch", slot_bias=bias, **layout)
+    out.float().pow(2).sum().backward()
+    assert out.dtype == torch.bfloat16 and bias.grad.dtype == torch.float32 and bias.grad.abs().sum() > 0

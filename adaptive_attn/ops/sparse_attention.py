@@ -111,7 +111,10 @@ def torch_token_attention(q, kv, indices, *, scale, v_dim, slot_bias=None, chunk
     rows = rows.view(B * L, K)[order]
     q_sorted = q.transpose(1, 2).reshape(B * L, H, D).index_select(0, order)
     # one bias per slot, shared by the heads ([C, 1, K]); zeros cost nothing extra inside baddbmm
-    bias = q.new_zeros(B * L, 1, K) if slot_bias is None else slot_bias.reshape(B * L, 1, K).index_select(0, order)
+    if slot_bias is None:
+        bias = q.new_zeros(B * L, 1, K)
+    else:
+        bias = slot_bias.to(q.dtype).reshape(B * L, 1, K).index_select(0, order)
     kv_rows = kv.reshape(B * L, -1)
     slot_probs = q.new_zeros(B * L, K)
     chunks = []
@@ -245,7 +248,7 @@ def torch_block_attention(q, kv, indices, *, scale, v_dim, block_size, query_blo
             queries = q_part.reshape(-1, 1, query_block * H, D)  # one SDPA batch row per query block
             keys = keys.flatten(0, 1)[:, None]
             if slot_bias is not None:
-                bias = slot_bias[rows_b, qb0:qb1, :slots]
+                bias = slot_bias[rows_b, qb0:qb1, :slots].to(q.dtype)
                 bias = torch.cat([bias, bias.new_zeros(nb, qb1 - qb0, query_block // block_size)], dim=-1)
                 queries = torch.cat([queries, queries.new_ones(*queries.shape[:-1], 1)], dim=-1)
                 keys = torch.cat([keys, (bias / scale).repeat_interleave(block_size, -1).view(*keys.shape[:-1], 1)], -1)
