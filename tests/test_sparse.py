@@ -100,6 +100,29 @@ def test_torch_block_backend_equals_reference(L, block, qblock, kb):
         assert (a - b).abs().max() < 1e-9
 
 
+@pytest.mark.parametrize("max_call_elements", [1, 5000])
+def test_block_backend_split_into_several_sdpa_calls_equals_reference(max_call_elements):
+    from adaptive_attn.ops.sparse_attention import torch_block_attention
+
+    B, H, L, D, block, qblock = 2, 3, 100, 10, 4, 8
+    q = torch.randn(B, H, L, D, dtype=torch.float64, requires_grad=True)
+    kv = torch.randn(B, L, D, dtype=torch.float64, requires_grad=True)
+    idx = random_block_selection(B, L, 3, block, qblock)
+    layout = dict(block_size=block, query_block=qblock)
+    ref = _grads(
+        lambda q, kv: sparse_attention(q, kv, idx, scale=0.3, v_dim=6, backend="reference", **layout)[0], q, kv
+    )
+    got = _grads(
+        lambda q, kv: torch_block_attention(
+            q, kv, idx, scale=0.3, v_dim=6, max_call_elements=max_call_elements, **layout
+        ),
+        q,
+        kv,
+    )
+    for a, b in zip(ref, got):
+        assert (a - b).abs().max() < 1e-9
+
+
 def test_full_selection_equals_dense_causal_attention():
     B, H, L, D = 2, 3, 50, 8
     q, kv = torch.randn(B, H, L, D, dtype=torch.float64), torch.randn(B, L, D, dtype=torch.float64)

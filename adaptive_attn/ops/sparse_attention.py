@@ -209,7 +209,9 @@ def query_block_groups(used: torch.Tensor, chunk_size: int) -> list[tuple[int, i
     return groups
 
 
-def torch_block_attention(q, kv, indices, *, scale, v_dim, block_size, query_block, slot_bias=None, chunk_size=16):
+def torch_block_attention(
+    q, kv, indices, *, scale, v_dim, block_size, query_block, slot_bias=None, max_call_elements=2**26
+):
     """Block-sparse attention over gathered blocks with fused SDPA -> [B, H, L, v_dim].
 
     All heads of a query block attend the same gathered blocks, so its Q queries of H heads go to SDPA
@@ -217,7 +219,9 @@ def torch_block_attention(q, kv, indices, *, scale, v_dim, block_size, query_blo
     [B, L, H, D] in memory). Sequences whose selections use widely different numbers of blocks are
     processed one by one, so each sequence's compute follows its own k. Inputs are cut with `split`,
     whose backward is one concatenation, rather than sliced per chunk, whose backward writes a
-    full-size zero gradient each time. A slot bias rides in one extra dimension (query 1, key
+    full-size zero gradient each time. One SDPA call takes as many query blocks as keep its
+    (query row, key) pairs within `max_call_elements` (the size of a per-row mask): fewer, larger calls
+    cost less (one output concatenation, one gather). A slot bias rides in one extra dimension (query 1, key
     bias / scale), so SDPA adds it to the logits and returns its gradient through the keys'.
     """
     B, H, L, D = q.shape
@@ -231,7 +235,9 @@ def torch_block_attention(q, kv, indices, *, scale, v_dim, block_size, query_blo
     outs = []
     for rows_b, q_b, kv_b in zip(seq_groups, q_rows.split(sizes), kv.split(sizes)):
         nb = q_b.shape[0]
-        groups = query_block_groups(used[rows_b].amax(0), chunk_size)
+        used_b = used[rows_b].amax(0)
+        pairs_per_block = nb * query_block * H * (int(used_b.max()) + query_block // block_size) * block_size
+        groups = query_block_groups(used_b, max(1, max_call_elements // pairs_per_block))
         q_parts = q_b.split([(qb1 - qb0) * query_block for qb0, qb1, _ in groups], dim=1)
         chunks = []
         for (qb0, qb1, slots), q_part in zip(groups, q_parts):
