@@ -46,37 +46,49 @@ def resolve_backend(backend: str, device: torch.device, block_size: int = 1) -> 
     return backend
 
 
-def _scatter_mask(indices: torch.Tensor, size: int) -> torch.Tensor:
-    """indices [B, R, K] (-1 = unused) -> bool [B, R, size], True at the used indices."""
+def _scatter_slots(values: torch.Tensor, indices: torch.Tensor, size: int, fill) -> torch.Tensor:
+    """Slot values [B, R, K] -> [B, R, size] at the columns the slots name (-1 = unused), `fill` elsewhere."""
     B, R, _ = indices.shape
-    mask = torch.zeros(B, R, size + 1, dtype=torch.bool, device=indices.device)
-    mask.scatter_(-1, indices.masked_fill(indices < 0, size), True)  # unused slots land in a spare column
-    return mask[..., :size]
+    out = values.new_full((B, R, size + 1), fill)
+    return out.scatter(-1, indices.masked_fill(indices < 0, size), values)[..., :size]  # unused: a spare column
+
+
+def _per_key(per_column: torch.Tensor, seq_len: int, block_size: int, query_block: int) -> torch.Tensor:
+    """Values per score row and column [B, R, C] -> per (query, key) [B, L, L]: a block row holds for
+    every query of its query block, a block column for every key of its block."""
+    if block_size == 1:
+        return per_column
+    pos = torch.arange(seq_len, device=per_column.device)
+    return per_column[:, pos // query_block][:, :, pos // block_size]
+
+
+def _n_columns(seq_len: int, block_size: int, query_block: int) -> int:
+    """Score columns: tokens, or key blocks of the padded length."""
+    n_qb, m, _ = block_layout(seq_len, block_size, query_block)
+    return seq_len if block_size == 1 else n_qb * m
 
 
 def selection_mask(indices: torch.Tensor, seq_len: int, block_size: int = 1, query_block: int = 1) -> torch.Tensor:
     """The key positions each query attends -> bool [B, L, L]."""
     pos = torch.arange(seq_len, device=indices.device)
     causal = pos[None, :] <= pos[:, None]
+    chosen = _scatter_slots(
+        torch.ones(indices.shape, dtype=torch.bool, device=indices.device),
+        indices,
+        _n_columns(seq_len, block_size, query_block),
+        False,
+    )
+    mask = _per_key(chosen, seq_len, block_size, query_block)
     if block_size == 1:
-        return _scatter_mask(indices, seq_len) & causal
-    chosen = _scatter_mask(indices, -(-seq_len // query_block) * (query_block // block_size))
-    row_blocks = chosen[:, pos // query_block]  # [B, L, nKB]
-    mask = row_blocks[:, :, pos // block_size]  # [B, L, L]
+        return mask & causal
     diagonal = (pos[None, :] // query_block) == (pos[:, None] // query_block)
     return (mask | diagonal) & causal
 
 
 def dense_slot_bias(slot_bias: torch.Tensor, indices, seq_len: int, block_size=1, query_block=1) -> torch.Tensor:
     """Per-slot logit biases [B, R, K] -> per (query, key) biases [B, L, L] (0 where no slot names the key)."""
-    B, R, K = indices.shape
-    n_cols = seq_len if block_size == 1 else -(-seq_len // query_block) * (query_block // block_size)
-    per_col = slot_bias.new_zeros(B, R, n_cols + 1)
-    per_col = per_col.scatter(-1, indices.masked_fill(indices < 0, n_cols), slot_bias)[..., :n_cols]
-    if block_size == 1:
-        return per_col
-    pos = torch.arange(seq_len, device=indices.device)  # a block slot biases all its keys, for every query
-    return per_col[:, pos // query_block][:, :, pos // block_size]
+    per_column = _scatter_slots(slot_bias, indices, _n_columns(seq_len, block_size, query_block), 0.0)
+    return _per_key(per_column, seq_len, block_size, query_block)
 
 
 def reference_sparse_attention(q, kv, indices, *, scale, v_dim, block_size=1, query_block=1, slot_bias=None):
@@ -117,10 +129,11 @@ def torch_token_attention(q, kv, indices, *, scale, v_dim, slot_bias=None, chunk
         bias = slot_bias.to(q.dtype).reshape(B * L, 1, K).index_select(0, order)
     kv_rows = kv.reshape(B * L, -1)
     slot_probs = q.new_zeros(B * L, K)
+    starts = range(0, B * L, chunk_size)
+    widths = counts[[min(c0 + chunk_size, B * L) - 1 for c0 in starts]].clamp(min=1).tolist()  # the chunks' largest
     chunks = []
-    for c0, q_chunk, bias_chunk in zip(range(0, B * L, chunk_size), q_sorted.split(chunk_size), bias.split(chunk_size)):
+    for c0, n, q_chunk, bias_chunk in zip(starts, widths, q_sorted.split(chunk_size), bias.split(chunk_size)):
         c1 = c0 + q_chunk.shape[0]
-        n = max(int(counts[c1 - 1]), 1)
         idx = rows[c0:c1, :n]
         keys = kv_rows.index_select(0, idx.clamp(min=0).flatten()).view(c1 - c0, n, -1)  # [C, n, D]
         logits = torch.baddbmm(bias_chunk[..., :n], q_chunk, keys.transpose(1, 2), alpha=scale)  # [C, H, n]
@@ -135,11 +148,11 @@ def torch_token_attention(q, kv, indices, *, scale, v_dim, slot_bias=None, chunk
 def sequence_groups(used: torch.Tensor, max_padding: float = 1.25) -> list[slice]:
     """Batch the sequences together, or one by one when their budgets differ so much that padding all
     to the largest would cost over `max_padding` times the work of each sequence's own k.
-    used: [B, chunks, rows per chunk] slots in use."""
+    used: [B, R] slots in use per score row."""
     B = used.shape[0]
-    per_chunk = used.amax(-1).float()  # [B, chunks]: each sequence's own work per chunk
-    padded = B * per_chunk.amax(0).sum()
-    own = per_chunk.sum()
+    used = used.float()
+    padded = B * used.amax(0).sum()
+    own = used.sum()
     return [slice(b, b + 1) for b in range(B)] if B > 1 and padded > max_padding * own else [slice(0, B)]
 
 
@@ -230,7 +243,7 @@ def torch_block_attention(
     if Lp > L:
         q_rows, kv = F.pad(q_rows, (0, 0, 0, 0, 0, Lp - L)), F.pad(kv, (0, 0, 0, Lp - L))
     used = (indices >= 0).sum(-1)  # [B, nQB]
-    seq_groups = sequence_groups(used[..., None])
+    seq_groups = sequence_groups(used)
     sizes = [g.stop - g.start for g in seq_groups]
     outs = []
     for rows_b, q_b, kv_b in zip(seq_groups, q_rows.split(sizes), kv.split(sizes)):
