@@ -75,12 +75,15 @@ class DeepSeekSparseAttention(nn.Module):
         """k in tokens (int or tensor) -> key blocks to select before the diagonal ones (block mode)."""
         return ((torch.as_tensor(k) - self.diagonal_tokens + self.block_size - 1) // self.block_size).clamp(min=0)
 
+    def slots(self, k):
+        """k in tokens (int or tensor) -> score columns to select: tokens, or past key blocks."""
+        return k if self.token_level else self.past_blocks(k)
+
     def select(self, x: torch.Tensor, scores: torch.Tensor, k) -> torch.Tensor:
-        """Top-k (k in tokens: int, [B] or [B, R]) over the eligible columns of each score row."""
+        """Top-k (k in tokens: int, [B] or [B, R]) over the eligible columns of each score row; the
+        query's own token is always kept (block mode attends its diagonal blocks anyway)."""
         _, n_eligible = self.rows(x.shape[1], x.device)
-        if self.token_level:
-            return self.selector(scores, k, n_eligible, include_last=True)
-        return self.selector(scores, self.past_blocks(k).to(x.device), n_eligible, include_last=False)
+        return self.selector(scores, self.slots(k), n_eligible, include_last=self.token_level)
 
     def hard_k(self, k, seq_len: int):
         """Budget (float tokens, tensor or int) -> the k spent: whole tokens, or in block mode whole
@@ -104,8 +107,7 @@ class DeepSeekSparseAttention(nn.Module):
         """Causal (query, key) pairs a fixed budget `keep` attends in a sequence of `seq_len`."""
         k = self.hard_k(max(1, math.ceil(keep * seq_len)), seq_len)
         _, n_eligible = self.rows(seq_len, device)
-        slots = k if self.token_level else int(self.past_blocks(k))
-        return self.attended_pairs(n_eligible.clamp(max=slots), seq_len)
+        return self.attended_pairs(n_eligible.clamp(max=int(self.slots(k))), seq_len)
 
     def rank_bias(self, k_soft: torch.Tensor, n_slots: int) -> torch.Tensor:
         """k_soft [B, R] (tokens, differentiable) -> logit bias [B, R, n_slots], exactly 0 in the forward pass."""
