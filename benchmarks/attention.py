@@ -12,10 +12,10 @@ import argparse
 import json
 import math
 import platform
-import time
 
 import torch
 import torch.nn.functional as F
+from timing import median, take_turns, wall_ms
 from tqdm.auto import tqdm
 
 from adaptive_attn.ops.sparse_attention import sparse_attention
@@ -28,24 +28,6 @@ def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-
-
-def timeit_pair(fn_a, fn_b, device: torch.device, repeats: int, warmup: int = 1) -> tuple[float, float]:
-    """Median wall times (ms) of fn_a() and fn_b(), run in turns so that drifts of the machine's speed
-    reach both alike."""
-    for _ in range(warmup):
-        fn_a(), fn_b()
-    times: tuple[list[float], list[float]] = ([], [])
-    for _ in range(repeats):
-        for fn, t in zip((fn_a, fn_b), times):
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            start = time.perf_counter()
-            fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            t.append(1000 * (time.perf_counter() - start))
-    return sorted(times[0])[repeats // 2], sorted(times[1])[repeats // 2]
 
 
 def sparse_layer(d_model, block_size, query_block, backend, indexer_heads, indexer_dim) -> DeepSeekSparseAttention:
@@ -118,12 +100,14 @@ def main() -> None:
 
         qd = torch.randn(B, H, L, D, device=device, dtype=dtype, requires_grad=ps == "fwdbwd")
         kd, vd = (torch.randn_like(qd).requires_grad_(ps == "fwdbwd") for _ in range(2))
-        ms, dense_ms = timeit_pair(
-            lambda: run(lambda: run_sparse_layer(layers[mode], x, q, kv, k)),
-            lambda: run(lambda: F.scaled_dot_product_attention(qd, kd, vd, is_causal=True)),
-            device,
+        sparse_runs, dense_runs = take_turns(
+            [
+                wall_ms(lambda: run(lambda: run_sparse_layer(layers[mode], x, q, kv, k)), device),
+                wall_ms(lambda: run(lambda: F.scaled_dot_product_attention(qd, kd, vd, is_causal=True)), device),
+            ],
             args.repeats,
         )
+        ms, dense_ms = median(sparse_runs), median(dense_runs)
         records.append(
             {
                 "mode": mode,

@@ -10,5 +10,5 @@ python benchmarks/attention.py --modes block --lengths 256 512 1024 2048 4096 --
     --json "$OUT/attention_cpu_block.json" | tee "$OUT/attention_cpu_block.txt"
 python benchmarks/attention.py --modes token --lengths 256 512 1024 2048 --keeps 0.25 0.5 0.75 --ks 64 \
     --json "$OUT/attention_cpu_token.json" | tee "$OUT/attention_cpu_token.txt"
-python benchmarks/throughput.py --models dense fixed25 adaptive adaptive_topp --seq-len 256 --batch 8 \
+python benchmarks/throughput.py --models dense fixed25 fixed50 adaptive adaptive_topp --seq-len 256 --batch 8 --repeats 11 \
     --json "$OUT/throughput_cpu.json" | tee "$OUT/throughput_cpu.txt"

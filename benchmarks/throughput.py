@@ -14,6 +14,7 @@ import time
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
+from timing import median, take_turns
 from tqdm.auto import tqdm
 
 from adaptive_attn.config import CONF_DIR
@@ -79,16 +80,10 @@ def main() -> None:
         model, cfg = build_model(name, [f"seq_len={args.seq_len}", *args.overrides])
         tokens = torch.randint(0, cfg.data.vocab_size, (args.batch, args.seq_len + 1))
         steps.append(training_step(model, {"tokens": tokens}, args.calibrate))
-    # models take turns step by step, so drifts of the machine's speed reach all of them alike
-    timed: list[list[tuple[float, float]]] = [[] for _ in steps]
-    for i in tqdm(range(args.warmup + args.repeats), desc="rounds"):
-        for step, t in zip(steps, timed):
-            ms_keep = step()
-            if i >= args.warmup:
-                t.append(ms_keep)
+    timed = take_turns(steps, args.repeats, args.warmup, desc="rounds")  # [(ms, keep)] per model
     records = []
     for name, t in zip(args.models, timed):
-        ms = sorted(ms for ms, _ in t)[len(t) // 2]
+        ms = median([ms for ms, _ in t])
         keep = [k for _, k in t]  # adaptive budgets move around their target while they train
         records.append(
             {
