@@ -91,12 +91,16 @@ def main() -> None:
         kv = torch.randn(B, L, D, device=device, dtype=dtype, requires_grad=ps == "fwdbwd")
         k = min(L, math.ceil(value * L)) if kind == "keep" else min(L, int(value))
 
+        # the output's gradient as an attention layer receives it: laid out [B, L, H, D], as its output
+        # is transposed back to tokens before the output projection (for dense and sparse alike)
+        grad = torch.randn(B, L, H, D, device=device, dtype=dtype).transpose(1, 2)
+
         def run(fn):
             if ps == "fwd":
                 with torch.no_grad():
                     fn()
             else:
-                fn().float().sum().backward()
+                fn().backward(grad)
 
         qd = torch.randn(B, H, L, D, device=device, dtype=dtype, requires_grad=ps == "fwdbwd")
         kd, vd = (torch.randn_like(qd).requires_grad_(ps == "fwdbwd") for _ in range(2))

@@ -84,7 +84,8 @@ def test_torch_token_backend_equals_reference(L, k, per_query):
 
 
 @pytest.mark.parametrize(
-    "L,block,qblock,kb", [(64, 8, 8, 3), (100, 8, 16, 2), (33, 4, 12, 100), (256, 16, 32, 4), (300, 4, 8, 5)]
+    "L,block,qblock,kb",
+    [(64, 8, 8, 3), (100, 8, 16, 2), (33, 4, 12, 100), (256, 16, 32, 4), (300, 4, 8, 5), (70, 8, 16, 0)],
 )
 def test_torch_block_backend_equals_reference(L, block, qblock, kb):
     B, H, D, v = 2, 3, 10, 6

@@ -193,9 +193,11 @@ def gather_blocks(kv, indices, *, block_size, query_block, qb0, qb1, shared_mask
     blocks = with_diagonal_blocks(indices[:, qb0:qb1], m, qb0)  # [B, C, Kb]
     C, Kb = blocks.shape[1], blocks.shape[2]
     n_kb = Lp // block_size
-    # whole blocks are contiguous rows of [B * nKB, block_size * D]: index_select copies them at once
-    rows = (blocks.clamp(min=0) + torch.arange(B, device=kv.device)[:, None, None] * n_kb).reshape(-1)
-    keys = kv.reshape(B * n_kb, block_size * D).index_select(0, rows).view(B, C, Kb * block_size, D)
+    if Kb == m:  # the diagonal blocks alone: the query blocks' own rows, no gather
+        keys = kv.reshape(B, Lp // query_block, query_block, D)[:, qb0:qb1]
+    else:  # whole blocks are contiguous rows of [B * nKB, block_size * D]: index_select copies them at once
+        rows = (blocks.clamp(min=0) + torch.arange(B, device=kv.device)[:, None, None] * n_kb).reshape(-1)
+        keys = kv.reshape(B * n_kb, block_size * D).index_select(0, rows).view(B, C, Kb * block_size, D)
     arange_q = torch.arange(query_block, device=kv.device)
     if shared_mask:
         past = torch.ones(query_block, (Kb - m) * block_size, dtype=torch.bool, device=kv.device)
@@ -222,6 +224,12 @@ def query_block_groups(used: torch.Tensor, chunk_size: int) -> list[tuple[int, i
     return groups
 
 
+def split(x: torch.Tensor, sizes: list[int], dim: int = 0):
+    """`x.split(sizes, dim)`, but x itself when there is one part: the backward of a split is a
+    concatenation, a full copy even of a single part."""
+    return [x] if len(sizes) == 1 else x.split(sizes, dim)
+
+
 def torch_block_attention(
     q, kv, indices, *, scale, v_dim, block_size, query_block, slot_bias=None, max_call_elements=2**26
 ):
@@ -246,12 +254,12 @@ def torch_block_attention(
     seq_groups = sequence_groups(used)
     sizes = [g.stop - g.start for g in seq_groups]
     outs = []
-    for rows_b, q_b, kv_b in zip(seq_groups, q_rows.split(sizes), kv.split(sizes)):
+    for rows_b, q_b, kv_b in zip(seq_groups, split(q_rows, sizes), split(kv, sizes)):
         nb = q_b.shape[0]
         used_b = used[rows_b].amax(0)
         pairs_per_block = nb * query_block * H * (int(used_b.max()) + query_block // block_size) * block_size
         groups = query_block_groups(used_b, max(1, max_call_elements // pairs_per_block))
-        q_parts = q_b.split([(qb1 - qb0) * query_block for qb0, qb1, _ in groups], dim=1)
+        q_parts = split(q_b, [(qb1 - qb0) * query_block for qb0, qb1, _ in groups], dim=1)
         chunks = []
         for (qb0, qb1, slots), q_part in zip(groups, q_parts):
             trimmed = indices[rows_b, :, :slots]
