@@ -152,6 +152,8 @@ def main() -> None:
     except ConfigError as err:
         fail(str(err))
     torch.set_float32_matmul_precision("high")
+    # CPU arithmetic on subnormal floats (tiny indexer-loss gradients) is many times slower; flush them
+    torch.set_flush_denormal(True)
     _hydra_main()
 
 

@@ -71,6 +71,7 @@ def main() -> None:
     p.add_argument("--overrides", nargs="*", default=[], help="extra Hydra overrides, e.g. model.sparse.block_size=64")
     p.add_argument("--json", help="write the records to this path")
     args = p.parse_args()
+    torch.set_flush_denormal(True)  # as the training entry point does
 
     steps = []
     for name in tqdm(args.models, desc="build + calibrate"):

@@ -13,6 +13,7 @@ from adaptive_attn.sparse.controller import (
     AttentionEntropyEstimator,
     ContentComplexityAnalyzer,
     DynamicSparsityController,
+    prefix_sums_at,
 )
 from adaptive_attn.train import run
 from tests.conftest import tiny_model_kwargs
@@ -21,6 +22,7 @@ from tests.test_sparse import SPARSE_MODES, _grads, random_block_selection, rand
 
 BUDGETS = {
     "adaptive": partial(DynamicSparsityController, target=0.25, reference_len=64),
+    "adaptive_per_query": partial(DynamicSparsityController, target=0.25, reference_len=64, query_stride=1),
     "adaptive_topp": partial(AdaptiveTopP, target=0.25),
 }
 
@@ -33,7 +35,7 @@ def adaptive_model(budget="adaptive", mode="token", **kwargs):
 
 @pytest.mark.parametrize("budget", BUDGETS)
 @pytest.mark.parametrize("mode", SPARSE_MODES)
-@pytest.mark.parametrize("seq_len", [16, 45, 80])  # 80: two query chunks of the torch backend
+@pytest.mark.parametrize("seq_len", [16, 45, 80])
 def test_adaptive_models_are_causal(budget, mode, seq_len):
     assert_causal(adaptive_model(budget, mode).double(), seq_len)
 
@@ -50,6 +52,25 @@ def test_controller_features_are_prefix_statistics():
     assert torch.equal(AttentionEntropyEstimator()(scores, torch.arange(1, 31)), entropy)
     uniform = AttentionEntropyEstimator()(torch.zeros(1, 1, 8))
     assert torch.allclose(uniform, torch.ones(1, 1))
+
+
+def test_prefix_sums_at_positions_equal_running_sums_there():
+    x = torch.randn(3, 50, 4, dtype=torch.float64)
+    for positions in (torch.arange(50), torch.arange(0, 50, 16), torch.tensor([0, 3, 4, 20, 49]), torch.tensor([7])):
+        assert torch.allclose(prefix_sums_at(x, positions), x.cumsum(1)[:, positions], atol=1e-12)
+
+
+def test_controller_decides_once_per_query_group_by_its_first_query():
+    x = torch.randn(2, 40, 16)
+    scores = torch.randn(2, 40, 40).masked_fill(torch.ones(40, 40, dtype=torch.bool).triu(1), float("-inf"))
+    rows = dict(positions=torch.arange(40), n_eligible=torch.arange(1, 41))
+    per_query = DynamicSparsityController(query_stride=1)
+    grouped = DynamicSparsityController(query_stride=16)
+    grouped.load_state_dict(per_query.state_dict())
+    k1, k16 = per_query(x, scores, **rows), grouped(x, scores, **rows)
+    first = (torch.arange(40) // 16) * 16
+    assert torch.allclose(k16, k1[:, first])
+    assert k1.unique().numel() > 3  # per query, the budgets do differ
 
 
 @pytest.mark.parametrize("mode", SPARSE_MODES)

@@ -83,6 +83,31 @@ def test_torch_token_backend_equals_reference(L, k, per_query):
     assert (p_ref - p_torch).abs().max() < 1e-12
 
 
+@pytest.mark.parametrize("chunk_size", [1, 7, 64])
+def test_torch_token_attention_in_several_query_chunks_equals_reference(chunk_size):
+    from adaptive_attn.ops.sparse_attention import torch_token_attention
+
+    B, H, L, D = 2, 3, 50, 10
+    q = torch.randn(B, H, L, D, dtype=torch.float64, requires_grad=True)
+    kv = torch.randn(B, L, D, dtype=torch.float64, requires_grad=True)
+    idx = random_token_selection(B, L, 12, per_query=True)
+    bias = torch.randn(idx.shape, dtype=torch.float64, requires_grad=True)
+    ref = _grads(
+        lambda q, kv, b: sparse_attention(q, kv, idx, scale=0.3, v_dim=6, backend="reference", slot_bias=b)[0],
+        q,
+        kv,
+        bias,
+    )
+    got = _grads(
+        lambda q, kv, b: torch_token_attention(q, kv, idx, scale=0.3, v_dim=6, slot_bias=b, chunk_size=chunk_size)[0],
+        q,
+        kv,
+        bias,
+    )
+    for a, b in zip(ref, got):
+        assert (a - b).abs().max() < 1e-9
+
+
 @pytest.mark.parametrize(
     "L,block,qblock,kb",
     [(64, 8, 8, 3), (100, 8, 16, 2), (33, 4, 12, 100), (256, 16, 32, 4), (300, 4, 8, 5), (70, 8, 16, 0)],
