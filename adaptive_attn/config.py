@@ -99,6 +99,8 @@ def validate(cfg: DictConfig) -> None:
             isinstance(target, (int, float)) and lo < target < hi,
             f"model.budget.target={target!r} is invalid: must be in ({lo}, {hi})",
         )
+        if "query_stride" in m.budget:
+            _int_in(cfg, "model.budget.query_stride", 1)
     if m.get("sparse") is not None:
         s = m.sparse
         block = _int_in(cfg, "model.sparse.block_size", 1, 4096)

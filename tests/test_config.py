@@ -50,6 +50,7 @@ def test_every_other_group_option_composes(compose_cfg, group, option):
         ("model.sparse.backend=cuda", "model.sparse.backend='cuda' is invalid"),
         ("data.batch_size=0", "data.batch_size=0 is invalid"),
         ("model=adaptive model.budget.target=1.5", "model.budget.target=1.5 is invalid: must be in (0.02, 1.0)"),
+        ("model=adaptive model.budget.query_stride=0", "model.budget.query_stride=0 is invalid: must be an integer"),
         ("model.sparse.backend=flex", "model.sparse.backend=flex does not fit model.sparse.block_size=1"),
     ],
 )

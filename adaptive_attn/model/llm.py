@@ -136,7 +136,7 @@ class FixedSparseMoELLM(MoELLM):
 
 
 class AdaptiveMoELLM(MoELLM):
-    """DSA whose k adapts per query: `budget` builds one policy per layer (a `_partial_` config of
+    """DSA whose k adapts within each sequence: `budget` builds one policy per layer (a `_partial_` config of
     `DynamicSparsityController` or `AdaptiveTopP`), held at a mean keep target for equal compute."""
 
     def __init__(self, vocab_size: int, budget: Callable[[], nn.Module], sparse: dict | None = None, **kwargs):

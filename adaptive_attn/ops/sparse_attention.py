@@ -212,6 +212,13 @@ def gather_blocks(kv, indices, *, block_size, query_block, qb0, qb1, shared_mask
     return keys, mask
 
 
+def whole_past_query_blocks(used: torch.Tensor, blocks_per_query_block: int) -> int:
+    """Leading query blocks whose selection, in every row of used [B, nQB] (slots in use), holds every key
+    block before them (their selection is then their whole causal prefix; the first always qualifies)."""
+    eligible = torch.arange(used.shape[1], device=used.device) * blocks_per_query_block
+    return int((used == eligible).all(0).long().cumprod(0).sum())
+
+
 def query_block_groups(used: torch.Tensor, chunk_size: int) -> list[tuple[int, int, int]]:
     """Consecutive query blocks sharing one number of used slots -> [(qb0, qb1, slots)], at most
     `chunk_size` blocks each. used: [nQB] slots in use (valid slots come first). Slots beyond a
@@ -244,8 +251,10 @@ def torch_block_attention(
     whose backward is one concatenation, rather than sliced per chunk, whose backward writes a
     full-size zero gradient each time. One SDPA call takes as many query blocks as keep its
     (query row, key) pairs within `max_call_elements` (the size of a per-row mask): fewer, larger calls
-    cost less (one output concatenation, one gather). A slot bias rides in one extra dimension (query 1, key
-    bias / scale), so SDPA adds it to the logits and returns its gradient through the keys'.
+    cost less (one output concatenation, one gather). The leading query blocks whose selection is every
+    block before them (those within the first k tokens) take one causal SDPA over their prefix instead.
+    A slot bias rides in one extra dimension (query 1, key bias / scale), so SDPA adds it to the logits
+    and returns its gradient through the keys'.
     """
     B, H, L, D = q.shape
     n_qb, _, Lp = block_layout(L, block_size, query_block)
@@ -257,12 +266,25 @@ def torch_block_attention(
     sizes = [g.stop - g.start for g in seq_groups]
     outs = []
     for rows_b, q_b, kv_b in zip(seq_groups, split(q_rows, sizes), split(kv, sizes)):
-        nb = q_b.shape[0]
+        nb, m = q_b.shape[0], query_block // block_size
         used_b = used[rows_b].amax(0)
-        pairs_per_block = nb * query_block * H * (int(used_b.max()) + query_block // block_size) * block_size
-        groups = query_block_groups(used_b, max(1, max_call_elements // pairs_per_block))
-        q_parts = split(q_b, [(qb1 - qb0) * query_block for qb0, qb1, _ in groups], dim=1)
+        # leading query blocks that selected every block before them attend their whole causal prefix: one
+        # call instead of one per block (each selects a different number of blocks), so from two blocks on
+        n_dense = 0 if slot_bias is not None else whole_past_query_blocks(used[rows_b], m)
+        n_dense = n_dense if n_dense > 1 else 0
+        pairs_per_block = nb * query_block * H * (int(used_b.max()) + m) * block_size
+        groups = [
+            (qb0 + n_dense, qb1 + n_dense, slots)
+            for qb0, qb1, slots in query_block_groups(used_b[n_dense:], max(1, max_call_elements // pairs_per_block))
+        ]
+        sizes = [(qb1 - qb0) * query_block for qb0, qb1, _ in groups]
+        q_parts = split(q_b, [n_dense * query_block] + sizes if n_dense else sizes, dim=1)
         chunks = []
+        if n_dense:  # one causal SDPA over the prefix: no gather, no mask, only the causal half computed
+            q_dense, *q_parts = q_parts
+            keys = kv_b[:, None, : n_dense * query_block].expand(-1, H, -1, -1)
+            o = F.scaled_dot_product_attention(q_dense.transpose(1, 2), keys, keys, is_causal=True, scale=scale)
+            chunks.append(o.transpose(1, 2))
         for (qb0, qb1, slots), q_part in zip(groups, q_parts):
             trimmed = indices[rows_b, :, :slots]
             keys, mask = gather_blocks(

@@ -1,9 +1,9 @@
-"""Adaptive budget controller: sequence features -> a keep ratio per query (and so a k).
+"""Adaptive budget controller: sequence features -> a keep ratio per group of queries (and so a k).
 
 Every feature at position t is a *prefix* statistic over positions <= t, so the k of query t never
 depends on later tokens (a k computed from the whole sequence would leak the future into earlier
 logits). Queries decide their budget in groups of `query_stride` consecutive positions, each group by
-its first query (a query block is never split: it decides by its first query too). Deciding once per
+its first query (in block mode a group is made of whole query blocks). Deciding once per
 group, not once per query, cuts the controller's cost by about the stride; each query still selects
 its own top-k, only the size k is shared within a group.
 
@@ -54,8 +54,9 @@ class ContentComplexityAnalyzer(nn.Module):
         unit = x / norm.clamp_min(1e-12)[..., None]
         consecutive = F.pad(torch.linalg.vecdot(unit[:, 1:], unit[:, :-1]), (1, 0), value=1.0)  # cos(x_t, x_t-1)
         diversity = 1 - prefix_sums_at(unit, positions).norm(dim=-1) / count
-        predictability = (prefix_sums_at(consecutive, positions) / count).clamp(-1, 1) * 0.5 + 0.5
-        second_moment = prefix_sums_at(norm.pow(2), positions) / count / D
+        cosine_sum, square_sum = prefix_sums_at(torch.stack([consecutive, norm.pow(2)], -1), positions).unbind(-1)
+        predictability = (cosine_sum / count).clamp(-1, 1) * 0.5 + 0.5
+        second_moment = square_sum / count / D
         mean_sq = (prefix_sums_at(x, positions).norm(dim=-1) / count).pow(2) / D  # |prefix mean of x|^2 / D
         variance = (second_moment - mean_sq).clamp_min(0) / (second_moment + 1e-6)
         return torch.stack([diversity, predictability, variance], dim=-1)
@@ -96,7 +97,8 @@ class AdaptiveKCalculator(nn.Module):
 
 
 class DynamicSparsityController(nn.Module):
-    """Budget policy `adaptive`: per-query k (tokens) from length, content complexity and entropy."""
+    """Budget policy `adaptive`: k (tokens) per group of `query_stride` positions, from length, content
+    complexity and entropy at the group's first query."""
 
     def __init__(
         self,
@@ -131,13 +133,8 @@ class DynamicSparsityController(nn.Module):
         entropy = self.entropy(scores.detach()[:, deciding], eligible)
         length = torch.full_like(entropy, math.log(L) / math.log(self.reference_len))
         features = torch.cat([content, entropy[..., None], length[..., None]], dim=-1)
-        self.factors = {
-            "diversity": content[..., 0].detach().mean(),
-            "predictability": content[..., 1].detach().mean(),
-            "variance": content[..., 2].detach().mean(),
-            "entropy": entropy.mean(),
-            "length": length.mean(),
-        }
+        means = features.mean((0, 1))  # features carry no gradient: x and the scores are detached
+        self.factors = dict(zip(("diversity", "predictability", "variance", "entropy", "length"), means))
         return self.calculator(features)[:, first.cumsum(0) - 1] * L  # each row gets its group's keep
 
     @property

@@ -111,10 +111,10 @@ class DeepSeekSparseAttention(nn.Module):
 
     def rank_bias(self, k_soft: torch.Tensor, n_slots: int) -> torch.Tensor:
         """k_soft [B, R] (tokens, differentiable) -> logit bias [B, R, n_slots], exactly 0 in the forward pass."""
-        units = (k_soft - self.diagonal_tokens) / self.block_size  # the k of the slots, in score columns
-        slot = torch.arange(n_slots, device=k_soft.device, dtype=k_soft.dtype)
+        units = k_soft if self.token_level else (k_soft - self.diagonal_tokens) / self.block_size  # in columns
+        slot_middle = torch.arange(n_slots, device=k_soft.device, dtype=k_soft.dtype) + 0.5
         tau = self.soft_rank_tau * units.detach().clamp_min(1)[..., None]
-        soft = torch.nn.functional.logsigmoid((units[..., None] - slot - 0.5) / tau)
+        soft = torch.nn.functional.logsigmoid((units[..., None] - slot_middle) / tau)
         return soft - soft.detach()
 
     def forward(self, x, q, kv, *, scale: float, v_dim: int):
