@@ -106,17 +106,19 @@ def reference_sparse_attention(q, kv, indices, *, scale, v_dim, block_size=1, qu
     return out, slot_probs
 
 
-def torch_token_attention(q, kv, indices, *, scale, v_dim, slot_bias=None, chunk_size=512):
+def torch_token_attention(q, kv, indices, *, scale, v_dim, slot_bias=None, chunk_size=None, max_chunk_elements=2**22):
     """Gather-based token-level sparse attention -> (out [B, H, L, v_dim], slot probs [B, L, K]).
 
     Queries are independent, so they are processed in order of their number of used slots: each
     chunk of `chunk_size` queries gathers as many slots as its largest query uses, which sorting makes
-    close to every query's own k. Compute follows each query's k, not the batch maximum. Chunks of 512
-    queries make few, large calls (each call has a fixed cost, large on small CPUs: a training step at
-    L=256 ran 10% faster than with chunks of 128) while bounding the gathered rows.
+    close to every query's own k. Compute follows each query's k, not the batch maximum. By default a
+    chunk takes as many queries as keep its gathered rows within `max_chunk_elements`: few, large calls
+    (each call has a fixed cost, large on small CPUs: a training step at L=256 ran 10% faster with
+    chunks of 512 queries than of 128), yet gathers that stay in cache when k is large.
     """
     B, H, L, D = q.shape
     K = indices.shape[-1]
+    chunk_size = chunk_size or max(16, max_chunk_elements // max(1, K * D))
     used = (indices >= 0).sum(-1).flatten()  # [B*L]; valid slots come first
     order = used.argsort()
     counts = used[order]
