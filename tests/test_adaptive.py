@@ -57,7 +57,8 @@ def test_controller_features_are_prefix_statistics():
 def test_prefix_sums_at_positions_equal_running_sums_there():
     x = torch.randn(3, 50, 4, dtype=torch.float64)
     for positions in (torch.arange(50), torch.arange(0, 50, 16), torch.tensor([0, 3, 4, 20, 49]), torch.tensor([7])):
-        assert torch.allclose(prefix_sums_at(x, positions), x.cumsum(1)[:, positions], atol=1e-12)
+        (sums,) = prefix_sums_at(positions, x)
+        assert torch.allclose(sums, x.cumsum(1)[:, positions], atol=1e-12)
 
 
 def test_controller_decides_once_per_query_group_by_its_first_query():

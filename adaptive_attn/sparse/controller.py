@@ -29,15 +29,18 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def prefix_sums_at(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """Sums over positions <= p of x [B, L, ...] at each of the ascending `positions` [P] -> [B, P, ...].
-    Each position is added once, into the segment of the first of `positions` at or after it."""
-    L = x.shape[1]
+def prefix_sums_at(positions: torch.Tensor, *series: torch.Tensor) -> list[torch.Tensor]:
+    """Sums over positions <= p of each series [B, L, ...] at each of the ascending `positions` [P]
+    -> one [B, P, ...] per series. Each position is added once, into the segment of the first of
+    `positions` at or after it (the segments are found once for all series)."""
+    L = series[0].shape[1]
     if len(positions) == L:  # every position: a plain running sum
-        return x.cumsum(1)
-    segment = torch.searchsorted(positions, torch.arange(L, device=x.device))  # [L]; P = after the last
-    sums = x.new_zeros(x.shape[0], len(positions) + 1, *x.shape[2:]).index_add_(1, segment, x)
-    return sums[:, :-1].cumsum(1)
+        return [x.cumsum(1) for x in series]
+    segment = torch.searchsorted(positions, torch.arange(L, device=positions.device))  # [L]; P = after the last
+    return [
+        x.new_zeros(x.shape[0], len(positions) + 1, *x.shape[2:]).index_add_(1, segment, x)[:, :-1].cumsum(1)
+        for x in series
+    ]
 
 
 class ContentComplexityAnalyzer(nn.Module):
@@ -53,11 +56,12 @@ class ContentComplexityAnalyzer(nn.Module):
         norm = x.norm(dim=-1)
         unit = x / norm.clamp_min(1e-12)[..., None]
         consecutive = F.pad(torch.linalg.vecdot(unit[:, 1:], unit[:, :-1]), (1, 0), value=1.0)  # cos(x_t, x_t-1)
-        diversity = 1 - prefix_sums_at(unit, positions).norm(dim=-1) / count
-        cosine_sum, square_sum = prefix_sums_at(torch.stack([consecutive, norm.pow(2)], -1), positions).unbind(-1)
+        unit_sum, x_sum, scalar_sums = prefix_sums_at(positions, unit, x, torch.stack([consecutive, norm.pow(2)], -1))
+        cosine_sum, square_sum = scalar_sums.unbind(-1)
+        diversity = 1 - unit_sum.norm(dim=-1) / count
         predictability = (cosine_sum / count).clamp(-1, 1) * 0.5 + 0.5
         second_moment = square_sum / count / D
-        mean_sq = (prefix_sums_at(x, positions).norm(dim=-1) / count).pow(2) / D  # |prefix mean of x|^2 / D
+        mean_sq = (x_sum.norm(dim=-1) / count).pow(2) / D  # |prefix mean of x|^2 / D
         variance = (second_moment - mean_sq).clamp_min(0) / (second_moment + 1e-6)
         return torch.stack([diversity, predictability, variance], dim=-1)
 
