@@ -241,6 +241,11 @@ def split(x: torch.Tensor, sizes: list[int], dim: int = 0):
     return [x] if len(sizes) == 1 else x.split(sizes, dim)
 
 
+def concat(parts: list[torch.Tensor], dim: int = 0) -> torch.Tensor:
+    """`torch.cat(parts, dim)`, but the part itself when there is one (a concatenation copies it)."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
+
+
 def torch_block_attention(
     q, kv, indices, *, scale, v_dim, block_size, query_block, slot_bias=None, max_call_elements=2**26
 ):
@@ -279,8 +284,8 @@ def torch_block_attention(
             (qb0 + n_dense, qb1 + n_dense, slots)
             for qb0, qb1, slots in query_block_groups(used_b[n_dense:], max(1, max_call_elements // pairs_per_block))
         ]
-        sizes = [(qb1 - qb0) * query_block for qb0, qb1, _ in groups]
-        q_parts = split(q_b, [n_dense * query_block] + sizes if n_dense else sizes, dim=1)
+        part_sizes = [(qb1 - qb0) * query_block for qb0, qb1, _ in groups]
+        q_parts = split(q_b, [n_dense * query_block] + part_sizes if n_dense else part_sizes, dim=1)
         chunks = []
         if n_dense:  # one causal SDPA over the prefix: no gather, no mask, only the causal half computed
             q_dense, *q_parts = q_parts
@@ -302,15 +307,15 @@ def torch_block_attention(
             keys = keys.flatten(0, 1)[:, None]
             if slot_bias is not None:
                 bias = slot_bias[rows_b, qb0:qb1, :slots].to(q.dtype)
-                bias = torch.cat([bias, bias.new_zeros(nb, qb1 - qb0, query_block // block_size)], dim=-1)
+                bias = torch.cat([bias, bias.new_zeros(nb, qb1 - qb0, m)], dim=-1)
                 queries = torch.cat([queries, queries.new_ones(*queries.shape[:-1], 1)], dim=-1)
                 keys = torch.cat([keys, (bias / scale).repeat_interleave(block_size, -1).view(*keys.shape[:-1], 1)], -1)
             mask = mask.repeat_interleave(H, dim=2).flatten(0, 1)[:, None]  # one row per (query, head)
             # values are the keys (latent rows); a bias column's output is cut off below
             o = F.scaled_dot_product_attention(queries, keys, keys, attn_mask=mask, scale=scale)
             chunks.append(o.view(nb, (qb1 - qb0) * query_block, H, -1))
-        outs.append(torch.cat(chunks, dim=1) if len(chunks) > 1 else chunks[0])
-    out = torch.cat(outs, dim=0) if len(outs) > 1 else outs[0]  # [B, Lp, H, D]
+        outs.append(concat(chunks, dim=1))
+    out = concat(outs)  # [B, Lp, H, D]
     return out[:, :L, :, :v_dim].transpose(1, 2)
 
 
