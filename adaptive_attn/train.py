@@ -115,6 +115,8 @@ def run(cfg: DictConfig) -> dict:
         if cfg.eval_untrained and cfg.ckpt_path is None:
             extra["untrained_val_loss"] = trainer.validate(module, datamodule=datamodule, verbose=False)[0]["val/loss"]
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+        if "val/loss" not in trainer.callback_metrics:  # training ended before its first validation
+            trainer.validate(module, datamodule=datamodule, verbose=False)
         fit_metrics = dict(trainer.callback_metrics)
         trainer.test(module, datamodule=datamodule, verbose=False)
         trainer.callback_metrics.update({k: v for k, v in fit_metrics.items() if k.startswith("val")})

@@ -123,6 +123,12 @@ def test_resume_from_last_checkpoint_matches_uninterrupted_run(compose_cfg, tmp_
     assert resumed["val_loss"] == full["val_loss"]
 
 
+def test_a_run_shorter_than_its_validation_interval_still_reports_val_loss(compose_cfg):
+    cfg = compose_cfg(["experiment=quick", "model=dense", "trainer.max_steps=3", "trainer.val_check_interval=50"])
+    summary = run(cfg)
+    assert summary["status"] == "ok" and summary["val_loss"] is not None and summary["steps"] == 3
+
+
 def test_wandb_runs_offline_one_per_job(tmp_path):
     multirun(
         tmp_path,
