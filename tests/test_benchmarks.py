@@ -1,0 +1,56 @@
+"""The benchmark scripts run end to end at tiny sizes and write the records their README tables come from."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def run_script(name: str, *args: str) -> None:
+    subprocess.run([sys.executable, str(BENCHMARKS / name), *args], check=True, capture_output=True, text=True)
+
+
+def causal_pairs_share(seq_len: int, keys_of_query) -> float:
+    """Share of the causal (query, key) pairs attended when query t attends keys_of_query(t) of them."""
+    return sum(keys_of_query(t) for t in range(seq_len)) / (seq_len * (seq_len + 1) / 2)
+
+
+def test_attention_benchmark_records(tmp_path):
+    out = tmp_path / "attention.json"
+    tiny = ["--batch", "1", "--heads", "2", "--head-dim", "8", "--d-model", "32", "--indexer-heads", "2"]
+    tiny += ["--indexer-dim", "8", "--block-size", "16", "--query-block", "16", "--repeats", "1"]
+    run_script("attention.py", "--lengths", "64", "--keeps", "0.25", "--ks", "16", *tiny, "--json", str(out))
+    records = json.loads(out.read_text())
+
+    assert len(records) == 2 * 2 * 2  # modes x budgets x passes
+    for r in records:
+        assert {"mode", "L", "k", "pass", "ms", "dense_ms", "ratio_vs_dense", "device"} <= r.keys()
+        assert r["ms"] > 0 and r["dense_ms"] > 0
+        assert abs(r["ratio_vs_dense"] - r["ms"] / r["dense_ms"]) < 0.01 * r["ratio_vs_dense"] + 1e-3
+        # keep 0.25 of 64 tokens and k = 16 are the same budget
+        assert r["k"] == 16
+        if r["mode"] == "token":  # each query attends min(k, t + 1) tokens
+            expected = causal_pairs_share(64, lambda t: min(16, t + 1))
+        else:  # k = 16 is the diagonal block alone: each query attends its own block up to itself
+            expected = causal_pairs_share(64, lambda t: t % 16 + 1)
+        assert abs(r["pairs_vs_dense"] - expected) < 1e-3
+    assert {(r["mode"], r["pass"]) for r in records} == {(m, p) for m in ("token", "block") for p in ("fwd", "fwdbwd")}
+
+
+def test_throughput_benchmark_records(tmp_path):
+    out = tmp_path / "throughput.json"
+    run_script(
+        "throughput.py",
+        *("--models", "dense", "fixed25", "--seq-len", "32", "--batch", "2", "--repeats", "1", "--warmup", "0"),
+        *("--calibrate", "1", "--overrides", "experiment=quick", "--json", str(out)),
+    )
+    records = json.loads(out.read_text())
+
+    assert [r["model"] for r in records] == ["dense", "fixed25"]
+    dense, fixed = records
+    assert dense["keep_mean"] == 1.0 and abs(fixed["keep_mean"] - 0.25) < 1e-6
+    assert dense["ratio_vs_baseline"] == 1.0
+    tokens_per_s = 2 * 32 / fixed["step_ms"] * 1000
+    assert fixed["step_ms"] > 0 and abs(fixed["tokens_per_s"] - tokens_per_s) < 0.01 * tokens_per_s
