@@ -6,7 +6,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from adaptive_attn.ops.sparse_attention import BACKENDS
+from adaptive_attn.ops.sparse_attention import BACKENDS, FLEX_TILE, flex_fits
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 GROUPS = ("model", "data", "trainer", "logger", "callbacks", "experiment", "hydra/launcher")
@@ -114,6 +114,11 @@ def validate(cfg: DictConfig) -> None:
             not (s.backend == "triton" and block > 1) and not (s.backend == "flex" and block == 1),
             f"model.sparse.backend={s.backend} does not fit model.sparse.block_size={block}: "
             "triton is token-level (block_size=1), flex is block-level (block_size > 1)",
+        )
+        _require(
+            s.backend != "flex" or flex_fits(block, qb),
+            f"model.sparse.backend=flex does not fit model.sparse.block_size={block}, query_block={qb}: "
+            f"FlexAttention needs multiples of {FLEX_TILE}",
         )
         _int_in(cfg, "model.sparse.warmup_steps", 0)
         _int_in(cfg, "model.sparse.indexer.n_heads", 1)

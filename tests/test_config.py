@@ -52,6 +52,10 @@ def test_every_other_group_option_composes(compose_cfg, group, option):
         ("model=adaptive model.budget.target=1.5", "model.budget.target=1.5 is invalid: must be in (0.02, 1.0)"),
         ("model=adaptive model.budget.query_stride=0", "model.budget.query_stride=0 is invalid: must be an integer"),
         ("model.sparse.backend=flex", "model.sparse.backend=flex does not fit model.sparse.block_size=1"),
+        (
+            "model.sparse.backend=flex model.sparse.block_size=8",
+            "model.sparse.backend=flex does not fit model.sparse.block_size=8, query_block=8: FlexAttention needs",
+        ),
     ],
 )
 def test_bad_values_fail_validation_with_one_line(compose_cfg, override, needle):

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from adaptive_attn.model.llm import FixedSparseMoELLM
-from adaptive_attn.ops.sparse_attention import sparse_attention
+from adaptive_attn.ops.sparse_attention import resolve_backend, sparse_attention, triton_available
 from adaptive_attn.sparse.indexer import LightningIndexer
 from adaptive_attn.sparse.selector import TopKTokenSelector
 from tests.conftest import tiny_model_kwargs
@@ -124,6 +124,18 @@ def test_torch_block_backend_equals_reference(L, block, qblock, kb):
     got = _grads(lambda q, kv: sparse_attention(q, kv, idx, scale=0.3, v_dim=v, backend="torch", **layout)[0], q, kv)
     for a, b in zip(ref, got):
         assert (a - b).abs().max() < 1e-9
+
+
+def test_auto_backend_picks_the_fused_kernels_on_cuda_only():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert resolve_backend("auto", cpu, 64, 128) == "torch"
+    assert resolve_backend("auto", cuda, 64, 128) == "flex"
+    assert resolve_backend("auto", cuda, 8, 8) == "torch"  # smaller than FlexAttention's tile
+    assert resolve_backend("auto", cuda, 1) == ("triton" if triton_available() else "torch")
+    with pytest.raises(ValueError, match="block_size and query_block in multiples of 16, got 8 and 16"):
+        resolve_backend("flex", cuda, 8, 16)
+    with pytest.raises(ValueError, match="token-level"):
+        resolve_backend("triton", cpu, 64)
 
 
 def test_block_backend_with_per_sequence_budgets_equals_reference():

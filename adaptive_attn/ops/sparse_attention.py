@@ -14,7 +14,8 @@ Backends:
 - `flex` (block mode): FlexAttention with a BlockMask built from the selection (`flex_sparse.py`);
   compiled with a fused backward on CUDA, eager forward only on CPU. Calls with a slot bias (the
   adaptive budget's soft rank mask, which needs its gradient) use `torch`.
-- `auto`: on CUDA `triton` for tokens and `flex` for blocks; `torch` otherwise.
+- `auto`: on CUDA `triton` for tokens and `flex` for blocks (in multiples of 16 tokens, FlexAttention's
+  smallest tile); `torch` otherwise.
 """
 
 import torch
@@ -31,18 +32,35 @@ def triton_available() -> bool:
     return True
 
 
-def resolve_backend(backend: str, device: torch.device, block_size: int = 1) -> str:
-    """`auto`: on CUDA the fused kernels (Triton for tokens, FlexAttention for blocks), else `torch`."""
+FLEX_TILE = 16  # FlexAttention's compiled kernels tile by at least 16 queries and keys
+
+
+def flex_fits(block_size: int, query_block: int) -> bool:
+    """Whether FlexAttention takes these blocks: key and query blocks in whole tiles."""
+    return block_size > 1 and block_size % FLEX_TILE == 0 and query_block % FLEX_TILE == 0
+
+
+def resolve_backend(backend: str, device: torch.device, block_size: int = 1, query_block: int | None = None) -> str:
+    """`auto`: on CUDA the fused kernels (Triton for tokens, FlexAttention for blocks that fit its
+    tiles), else `torch`."""
+    query_block = query_block or block_size
     if backend not in BACKENDS:
         raise ValueError(f"model.sparse.backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
         if device.type != "cuda":
             return "torch"
-        return "flex" if block_size > 1 else ("triton" if triton_available() else "torch")
+        if block_size > 1:
+            return "flex" if flex_fits(block_size, query_block) else "torch"
+        return "triton" if triton_available() else "torch"
     if backend == "triton" and block_size > 1:
         raise ValueError("model.sparse.backend=triton is token-level: use block_size=1 (or backend torch/flex/auto)")
     if backend == "flex" and block_size == 1:
         raise ValueError("model.sparse.backend=flex is block-level: use block_size > 1 (or backend torch/triton/auto)")
+    if backend == "flex" and not flex_fits(block_size, query_block):
+        raise ValueError(
+            f"model.sparse.backend=flex needs block_size and query_block in multiples of {FLEX_TILE}, "
+            f"got {block_size} and {query_block} (or use backend torch/auto)"
+        )
     return backend
 
 
@@ -338,7 +356,7 @@ def sparse_attention(
     Token mode also returns the head-averaged attention probabilities of each selected slot
     ([B, L, K], detached; the indexer's KL target), block mode None.
     """
-    backend = resolve_backend(backend, q.device, block_size)
+    backend = resolve_backend(backend, q.device, block_size, query_block)
     layout = dict(block_size=block_size, query_block=query_block)
     if backend == "triton":
         from adaptive_attn.ops.triton_sparse import triton_token_attention

@@ -7,7 +7,8 @@ online softmax. Only the first `lengths[b, t]` slots are visited (valid slots co
 skipped), so compute follows each query's own k. The backward pass recomputes the probabilities from
 the saved log-sum-exp and scatters key/value gradients with atomic adds (several queries share rows).
 An optional per-slot logit bias (the soft rank mask of the adaptive budget) is added to each slot's
-logit and receives its gradient (the logits' gradient summed over heads).
+logit and receives its gradient (the logits' gradient summed over heads). Float32 inputs are multiplied
+in full float32 ("ieee"), as PyTorch's float32 matmuls are by default, not in Triton's default TF32.
 
 Runs on CUDA; on CPU under TRITON_INTERPRET=1 (the tests).
 """
@@ -103,7 +104,7 @@ def _sparse_fwd(
         kk, idx, valid, rows = _load_tile(
             KV, IDX, LENS, b, t, k0, s_kb, s_ks, s_ib, s_il, s_lb, s_ll, D, BLOCK_D, BLOCK_K
         )
-        s = tl.dot(q, tl.trans(rows)).to(tl.float32) * scale
+        s = tl.dot(q, tl.trans(rows), input_precision="ieee").to(tl.float32) * scale
         if HAS_BIAS:
             s += tl.load(BIAS + b * s_ib + t * s_il + kk, mask=valid, other=0.0).to(tl.float32)[None, :]
         s = tl.where(valid[None, :], s, float("-inf"))
@@ -112,7 +113,7 @@ def _sparse_fwd(
         p = tl.exp(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         values = tl.where(d[None, :] < DV, rows, 0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(rows.dtype), values).to(tl.float32)
+        acc = acc * alpha[:, None] + tl.dot(p.to(rows.dtype), values, input_precision="ieee").to(tl.float32)
         m_i = m_new
     acc = acc / l_i[:, None]
     out_ptrs, out_mask = _head_block(OUT, b, t, s_ob, s_oh, s_ol, H, DV, BLOCK_H, BLOCK_D)
@@ -176,19 +177,19 @@ def _sparse_bwd(
         kk, idx, valid, rows = _load_tile(
             KV, IDX, LENS, b, t, k0, s_kb, s_ks, s_ib, s_il, s_lb, s_ll, D, BLOCK_D, BLOCK_K
         )
-        s = tl.dot(q, tl.trans(rows)).to(tl.float32) * scale
+        s = tl.dot(q, tl.trans(rows), input_precision="ieee").to(tl.float32) * scale
         if HAS_BIAS:
             s += tl.load(BIAS + b * s_ib + t * s_il + kk, mask=valid, other=0.0).to(tl.float32)[None, :]
         p = tl.where(valid[None, :] & hmask[:, None], tl.exp(s - lse[:, None]), 0.0)
         if GRADS:
             values = tl.where(d[None, :] < DV, rows, 0.0)
-            dp = tl.dot(do, tl.trans(values)).to(tl.float32)  # dO . v_j
+            dp = tl.dot(do, tl.trans(values), input_precision="ieee").to(tl.float32)  # dO . v_j
             ds = p * (dp - delta[:, None])
             if HAS_BIAS:
                 tl.store(DBIAS + b * s_ib + t * s_il + kk, tl.sum(ds, 0), mask=valid)
-            dq += tl.dot(ds.to(rows.dtype), rows).to(tl.float32) * scale
-            dk = tl.dot(tl.trans(ds.to(q.dtype)), q).to(tl.float32) * scale
-            dv = tl.dot(tl.trans(p.to(do.dtype)), do).to(tl.float32)
+            dq += tl.dot(ds.to(rows.dtype), rows, input_precision="ieee").to(tl.float32) * scale
+            dk = tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision="ieee").to(tl.float32) * scale
+            dv = tl.dot(tl.trans(p.to(do.dtype)), do, input_precision="ieee").to(tl.float32)
             ptrs = DKV + b * s_kb + tl.maximum(idx, 0)[:, None] * s_ks + d[None, :]
             tl.atomic_add(ptrs, dk + dv, mask=valid[:, None] & (d[None, :] < D))
         else:

@@ -41,7 +41,7 @@ class DeepSeekSparseAttention(nn.Module):
             raise ValueError(
                 f"model.sparse.query_block ({query_block}) must be a positive multiple of block_size ({block_size})"
             )
-        resolve_backend(backend, torch.device("cpu"), block_size)
+        resolve_backend(backend, torch.device("cpu"), block_size, query_block)
         self.indexer, self.budget, self.selector = indexer, budget, TopKTokenSelector()
         self.block_size, self.query_block, self.backend = block_size, query_block, backend
         self.warmup_steps, self.soft_rank_tau = warmup_steps, soft_rank_tau
