@@ -35,6 +35,24 @@ def test_triton_token_kernel_matches_reference(L, k, H, D, v_dim, biased):
         assert ((a - b).abs().max() / scale) < 1e-4, name
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_triton_token_kernel_in_half_precision_matches_float32_reference(dtype):
+    """The GPU runs in bf16: the kernel's casts, stores and float32 accumulators against the float32
+    reference on the same rounded inputs (the CPU interpreter computes no bf16, so there float16 only)."""
+    if dtype == torch.bfloat16 and DEVICE == "cpu":
+        pytest.skip("the Triton interpreter does not compute in bfloat16")
+    B, H, L, D, v_dim = 2, 4, 40, 32, 24
+    q = torch.randn(B, H, L, D, device=DEVICE).to(dtype)
+    kv = torch.randn(B, L, D, device=DEVICE).to(dtype)
+    bias = torch.randn(B, L, 12, device=DEVICE).to(dtype)
+    idx = random_token_selection(B, L, 12, per_query=True).to(DEVICE)
+    ref = _run("reference", *(t.float().requires_grad_() for t in (q, kv)), idx, bias.float().requires_grad_(), v_dim)
+    got = _run("triton", *(t.clone().requires_grad_() for t in (q, kv)), idx, bias.clone().requires_grad_(), v_dim)
+    for name, a, b in zip(["out", "slot_probs", "dq", "dkv", "dbias"], ref, got):
+        assert b.dtype == (torch.float32 if name == "slot_probs" else dtype), name
+        assert ((a - b.float()).abs().max() / a.abs().max()) < 2e-2, name
+
+
 def test_triton_backend_inside_a_model_is_causal():
     from adaptive_attn.model.llm import FixedSparseMoELLM
     from tests.conftest import tiny_model_kwargs
