@@ -57,11 +57,12 @@ class DeepSeekMoE(nn.Module):
         gates = affinity.gather(-1, chosen)
         gates = gates / gates.sum(-1, keepdim=True)
 
-        out = torch.zeros_like(flat)
+        out = torch.zeros_like(flat)  # summed in the residual stream's dtype (experts run in bf16 under autocast)
         for e, expert in enumerate(self.experts):
             token, slot = torch.nonzero(chosen == e, as_tuple=True)
             if token.numel():
-                out.index_add_(0, token, self._run_padded(expert, flat[token]) * gates[token, slot, None])
+                expert_out = self._run_padded(expert, flat[token]) * gates[token, slot, None]
+                out.index_add_(0, token, expert_out.to(out.dtype))
         if self.shared is not None:
             out = out + self.shared(flat)
 

@@ -160,7 +160,7 @@ def torch_token_attention(q, kv, indices, *, scale, v_dim, slot_bias=None, chunk
         keys = kv_rows.index_select(0, idx.clamp(min=0).flatten()).view(c1 - c0, n, -1)  # [C, n, D]
         logits = torch.baddbmm(bias_chunk[..., :n], q_chunk, keys.transpose(1, 2), alpha=scale)  # [C, H, n]
         probs = logits.masked_fill((idx < 0)[:, None], float("-inf")).softmax(-1)
-        slot_probs[order[c0:c1], :n] = probs.detach().mean(1)
+        slot_probs[order[c0:c1], :n] = probs.detach().mean(1).to(slot_probs.dtype)  # autocast: probs may be bf16
         # values are the rows' first v_dim columns; slicing the output is cheaper than the rows' gradient
         chunks.append(torch.einsum("chk,ckv->chv", probs, keys)[..., :v_dim])
     out = torch.cat(chunks).index_select(0, torch.argsort(order))  # back to [B*L] order

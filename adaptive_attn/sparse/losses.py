@@ -13,8 +13,15 @@ import torch
 from adaptive_attn.ops.sparse_attention import block_layout, gather_blocks, query_blocks, selection_mask
 
 
+def _wide(x: torch.Tensor) -> torch.Tensor:
+    """x in float32 at least: under autocast the attention probabilities and indexer scores come in
+    bf16, whose rounding alone shifts a KL by about 1% (and can make it negative)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def _kl(target: torch.Tensor, index_scores: torch.Tensor) -> torch.Tensor:
     """Row-wise KL(target || softmax(scores)) over the rows that have support -> (sum, rows)."""
+    target, index_scores = _wide(target), _wide(index_scores)
     support = target > 0
     log_q = index_scores.masked_fill(~support, float("-inf")).log_softmax(-1)
     terms = torch.where(support, target * (target.clamp_min(1e-30).log() - log_q), torch.zeros_like(target))
@@ -23,6 +30,7 @@ def _kl(target: torch.Tensor, index_scores: torch.Tensor) -> torch.Tensor:
 
 
 def _normalise(mass: torch.Tensor) -> torch.Tensor:
+    mass = _wide(mass)
     return mass / mass.sum(-1, keepdim=True).clamp_min(1e-30)
 
 
@@ -58,13 +66,13 @@ def block_kl_dense(q, kv, scores, *, scale, block_size, query_block, chunk_size=
     """Warm-up KL over all key blocks before each query block. scores [B, nQB, nKB]."""
     B, _, L, _ = q.shape
     n_qb, m, Lp = block_layout(L, block_size, query_block)
-    mass = scores.new_zeros(B, n_qb, n_qb * m)
+    mass = _wide(scores.new_zeros(B, n_qb, n_qb * m))
     for c0 in range(0, L, chunk_size):
         c1 = min(c0 + chunk_size, L)
         probs = torch.nn.functional.pad(causal_attention_probs(q, kv, scale, c0, c1), (0, Lp - L))
         per_block = probs.view(B, c1 - c0, -1, block_size).sum(-1)  # [B, C, nKB]
         qb = torch.arange(c0, c1, device=q.device) // query_block
-        mass.index_add_(1, qb, per_block)
+        mass.index_add_(1, qb, per_block.to(mass.dtype))
     past = torch.arange(n_qb * m, device=q.device)[None, :] < (torch.arange(n_qb, device=q.device) * m)[:, None]
     s, n = _kl(_normalise(mass * past), scores)
     return s / max(n, 1)
