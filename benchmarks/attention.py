@@ -96,6 +96,11 @@ def main() -> None:
     jobs = [
         (L, mode, budget, ps) for L in args.lengths for ps in args.passes for mode in args.modes for budget in budgets
     ]
+    print(
+        f"device: {device_name(device)}  dtype: {args.dtype}  B={B} H={H} d_h={D}  "
+        f"(ratio = full sparse layer / dense causal SDPA, < 1 is faster; pairs = share of causal pairs attended)"
+    )
+    print(f"{'mode':6} {'pass':7} {'L':>6} {'budget':>11} {'ms':>9} {'dense ms':>9} {'ratio':>7} {'pairs':>7}")
     records = []
     for L, mode, (kind, value), ps in tqdm(jobs, desc="benchmark"):
         x = torch.randn(B, L, args.d_model, device=device, dtype=dtype)
@@ -145,18 +150,17 @@ def main() -> None:
             }
         )
 
-    print(
-        f"\ndevice: {device_name(device)}  dtype: {args.dtype}  B={B} H={H} d_h={D}  "
-        f"(ratio = full sparse layer / dense causal SDPA, < 1 is faster; pairs = share of causal pairs attended)"
-    )
-    print(f"{'mode':6} {'pass':7} {'L':>6} {'budget':>11} {'ms':>9} {'dense ms':>9} {'ratio':>7} {'pairs':>7}")
-    for r in records:
-        budget = f"keep {r['keep']:.2f}" if "keep" in r else f"k {r['k']}"
-        times = f"{r['ms']:>9.1f} {r['dense_ms']:>9.1f} {r['ratio_vs_dense']:>7.3f} {r['pairs_vs_dense']:>7.3f}"
-        print(f"{r['mode']:6} {r['pass']:7} {r['L']:>6} {budget:>11} {times}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(records, f, indent=1)
+        # each row as it is measured, and the JSON so far: a run cut short keeps what it measured
+        tqdm.write(table_row(records[-1]))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(records, f, indent=1)
+
+
+def table_row(r: dict) -> str:
+    budget = f"keep {r['keep']:.2f}" if "keep" in r else f"k {r['k']}"
+    times = f"{r['ms']:>9.1f} {r['dense_ms']:>9.1f} {r['ratio_vs_dense']:>7.3f} {r['pairs_vs_dense']:>7.3f}"
+    return f"{r['mode']:6} {r['pass']:7} {r['L']:>6} {budget:>11} {times}"
 
 
 if __name__ == "__main__":

@@ -8,12 +8,6 @@ import torch  # noqa: E402
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton kernels run on the CPU interpreter
-from hydra import compose, initialize_config_dir  # noqa: E402
-from hydra.core.global_hydra import GlobalHydra  # noqa: E402
-from hydra.core.hydra_config import HydraConfig  # noqa: E402
-from omegaconf import open_dict  # noqa: E402
-
-from adaptive_attn.config import CONF_DIR  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -24,6 +18,13 @@ def _seed():
 @pytest.fixture
 def compose_cfg(tmp_path):
     """compose_cfg(overrides) -> the composed training config, as `python -m adaptive_attn.train` sees it."""
+    # imported here, so that the kernel tests also run where only torch and triton are installed (the GPU check)
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    from adaptive_attn.config import CONF_DIR
 
     def _compose(overrides=(), run_dir="run"):
         GlobalHydra.instance().clear()
