@@ -66,7 +66,11 @@ def test_triton_backend_inside_a_model_is_causal():
         changed = tokens.clone()
         changed[:, 12:] = torch.randint(0, 50, (1, 12), device=DEVICE)
         out, _ = model(changed)
-    assert torch.equal(out[:, :12], base[:, :12])
+    if DEVICE == "cpu":
+        assert torch.equal(out[:, :12], base[:, :12])
+    else:  # cuBLAS picks its GEMM kernels by the rows an expert gets, which future tokens change: last bits
+        assert (out[:, :12] - base[:, :12]).abs().max() < 1e-4 * base.abs().max()
+    assert not torch.equal(out[:, 12:], base[:, 12:])
 
 
 # blocks in whole tiles of 16, as FlexAttention's compiled GPU kernels need
