@@ -40,6 +40,10 @@ class SpeedMonitor(L.Callback):
         self.peak_rss = 0  # this job's largest resident set size, sampled after each step (CPU)
         self._start = 0.0
 
+    def on_fit_start(self, trainer, pl_module):
+        if trainer.strategy.root_device.type == "cuda":  # jobs of a sweep in one process: each its own peak
+            torch.cuda.reset_peak_memory_stats(trainer.strategy.root_device)
+
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if trainer.strategy.root_device.type == "cuda":
             torch.cuda.synchronize()
