@@ -19,6 +19,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from adaptive_attn.config import ConfigError, check_group_overrides, fail, validate
@@ -72,7 +73,7 @@ def build_summary(cfg: DictConfig, trainer: L.Trainer | None, status: str, wall_
                 summary["sparsity"] = cb.last
                 if "test_sparse/k_difficulty_spearman" in cb.last:
                     summary["k_difficulty_spearman"] = cb.last["test_sparse/k_difficulty_spearman"]
-                if cb.k_vs_difficulty is not None:
+                if cb.k_vs_difficulty is not None and trainer.is_global_zero:
                     cb.k_vs_difficulty.to_csv(Path(cfg.output_dir) / "k_vs_difficulty.csv", index=False)
         summary.setdefault("peak_mem_bytes", peak_memory_bytes(trainer.strategy.root_device))
     if "keep" in cfg.model:
@@ -124,11 +125,15 @@ def run(cfg: DictConfig) -> dict:
     except Exception as err:
         extra["error"] = f"{type(err).__name__}: {err}"
         extra["traceback"] = traceback.format_exc()
-        write_json(out_dir / "summary.json", build_summary(cfg, trainer, "failed", time.perf_counter() - start, extra))
+        if trainer is None or trainer.is_global_zero:
+            write_json(
+                out_dir / "summary.json", build_summary(cfg, trainer, "failed", time.perf_counter() - start, extra)
+            )
         raise
     finally:
         finish_wandb()
-    write_json(out_dir / "summary.json", summary)
+    if trainer.is_global_zero:  # under DDP every process gets here; one writes
+        write_json(out_dir / "summary.json", summary)
     return summary
 
 
@@ -142,10 +147,12 @@ def _hydra_main(cfg: DictConfig) -> None:
         # in a sweep one failing job must not stop the others: it is recorded as failed in its summary.json
         print(f"job failed ({type(err).__name__}: {err}); recorded in {cfg.output_dir}/summary.json", file=sys.stderr)
         return
-    print(
-        f"done: val_loss={summary['val_loss']:.4f} (untrained {summary.get('untrained_val_loss', float('nan')):.4f}) "
-        f"tokens/s={summary.get('tokens_per_s', 0):.0f} -> {cfg.output_dir}/summary.json"
-    )
+    untrained = summary.get("untrained_val_loss", float("nan"))
+    if rank_zero_only.rank == 0:
+        print(
+            f"done: val_loss={summary['val_loss']:.4f} (untrained {untrained:.4f}) "
+            f"tokens/s={summary.get('tokens_per_s', 0):.0f} -> {cfg.output_dir}/summary.json"
+        )
 
 
 def main() -> None:

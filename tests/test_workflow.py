@@ -147,3 +147,22 @@ def test_wandb_runs_offline_one_per_job(tmp_path):
         assert (job_dir / "csv" / "metrics.csv").exists()
         meta = json.loads(json.dumps(json.loads((job_dir / "summary.json").read_text())["config"]["logger"]))
         assert meta["wandb"]["group"] == "dense-L64" and meta["wandb"]["offline"] is True
+
+
+def test_ddp_run_on_two_cpu_processes_writes_one_summary(tmp_path):
+    """trainer=ddp, with gloo on the CPU: the adaptive model (whose controller gets no gradient in the dense
+    warm-up) trains in two processes, and only the first writes the summary and prints."""
+    out = tmp_path / "ddp"
+    proc = subprocess.run(
+        [sys.executable, "-m", "adaptive_attn.train", *QUICK, "trainer=ddp", "trainer.accelerator=cpu"]
+        + ["trainer.devices=2", "trainer.precision=32-true", "model=adaptive", "model.sparse.warmup_steps=2"]
+        + [f"hydra.run.dir={out}"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("done:") == 1
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "ok" and summary["steps"] == 6 and summary["val_loss"] is not None
