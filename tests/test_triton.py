@@ -53,6 +53,16 @@ def test_triton_token_kernel_in_half_precision_matches_float32_reference(dtype):
         assert ((a - b.float()).abs().max() / a.abs().max()) < 2e-2, name
 
 
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_sparse_attention_takes_queries_and_rows_of_different_dtypes(backend):
+    """Under autocast the absorbed queries and the latent rows can come in different dtypes."""
+    q, kv = torch.randn(1, 2, 24, 16, device=DEVICE), torch.randn(1, 24, 16, device=DEVICE)
+    idx = random_token_selection(1, 24, 5).to(DEVICE)
+    same, _ = sparse_attention(q, kv, idx, scale=0.3, v_dim=8, backend=backend)
+    mixed, _ = sparse_attention(q.half(), kv, idx, scale=0.3, v_dim=8, backend=backend)
+    assert mixed.dtype == torch.float32 and (mixed - same).abs().max() < 1e-2
+
+
 def test_triton_backend_inside_a_model_is_causal():
     from adaptive_attn.model.llm import FixedSparseMoELLM
     from tests.conftest import tiny_model_kwargs

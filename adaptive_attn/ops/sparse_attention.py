@@ -357,6 +357,8 @@ def sparse_attention(
     ([B, L, K], detached; the indexer's KL target), block mode None.
     """
     backend = resolve_backend(backend, q.device, block_size, query_block)
+    dtype = torch.promote_types(q.dtype, kv.dtype)  # under autocast the two may differ; the kernels take one
+    q, kv = q.to(dtype), kv.to(dtype)
     layout = dict(block_size=block_size, query_block=query_block)
     if backend == "triton":
         from adaptive_attn.ops.triton_sparse import triton_token_attention
