@@ -53,7 +53,7 @@ def test_every_model_trains_under_bf16_autocast(compose_cfg, model_name, mode, s
 
 def test_indexer_kl_of_bf16_inputs_is_computed_in_float32():
     """Under autocast the attention probabilities and indexer scores arrive in bf16; the KL must not be
-    computed in bf16, whose rounding shifts it by about 1% (and can make it negative)."""
+    computed in bf16, whose rounding shifts it (here by 2e-4 relative; a small KL can turn negative)."""
     B, L, K = 2, 64, 16
     indices = random_token_selection(B, L, K)
     slot_probs = torch.rand(B, L, K).to(torch.bfloat16) * (indices >= 0)

@@ -15,7 +15,7 @@ from adaptive_attn.ops.sparse_attention import block_layout, gather_blocks, quer
 
 def _wide(x: torch.Tensor) -> torch.Tensor:
     """x in float32 at least: under autocast the attention probabilities and indexer scores come in
-    bf16, whose rounding alone shifts a KL by about 1% (and can make it negative)."""
+    bf16, whose rounding alone shifts a small KL visibly (and can make it negative)."""
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
