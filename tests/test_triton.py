@@ -63,6 +63,20 @@ def test_sparse_attention_takes_queries_and_rows_of_different_dtypes(backend):
     assert mixed.dtype == torch.float32 and (mixed - same).abs().max() < 1e-2
 
 
+@pytest.mark.parametrize("backend", ["triton", "torch", "reference"])
+def test_sparse_attention_runs_in_the_autocast_dtype(backend):
+    """Under autocast the kernels get its dtype, as dense SDPA does (the CPU interpreter: float16)."""
+    dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float16
+    if backend != "triton" and DEVICE == "cpu":
+        dtype = torch.bfloat16  # CPU matmuls in float16 are slow and some are missing
+    q, kv = torch.randn(2, 4, 40, 32, device=DEVICE), torch.randn(2, 40, 32, device=DEVICE)
+    idx = random_token_selection(2, 40, 12).to(DEVICE)
+    full, _ = sparse_attention(q, kv, idx, scale=0.3, v_dim=24, backend=backend)
+    with torch.autocast(DEVICE, dtype=dtype):
+        low, _ = sparse_attention(q, kv, idx, scale=0.3, v_dim=24, backend=backend)
+    assert low.dtype == dtype and ((low.float() - full).abs().max() / full.abs().max()) < 2e-2
+
+
 def test_triton_backend_inside_a_model_is_causal():
     from adaptive_attn.model.llm import FixedSparseMoELLM
     from tests.conftest import tiny_model_kwargs

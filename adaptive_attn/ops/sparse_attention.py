@@ -357,7 +357,12 @@ def sparse_attention(
     ([B, L, K], detached; the indexer's KL target), block mode None.
     """
     backend = resolve_backend(backend, q.device, block_size, query_block)
-    dtype = torch.promote_types(q.dtype, kv.dtype)  # under autocast the two may differ; the kernels take one
+    # one dtype for both: under autocast its dtype, as dense SDPA runs then (the fused kernels would
+    # otherwise get float32 inputs, or queries and rows of different dtypes)
+    if torch.is_autocast_enabled(q.device.type):
+        dtype = torch.get_autocast_dtype(q.device.type)
+    else:
+        dtype = torch.promote_types(q.dtype, kv.dtype)
     q, kv = q.to(dtype), kv.to(dtype)
     layout = dict(block_size=block_size, query_block=query_block)
     if backend == "triton":
