@@ -4,7 +4,8 @@ Both sides are timed in the same process on the same device; the table reports r
 (sparse / dense, < 1 is faster). Sparse attention runs in MLA's MQA mode: all H heads share the
 selected latent rows (dim d_h here, to match the dense per-head dim).
 
-Next to each ratio stands `pairs`, the share of the causal (query, key) pairs the sparse layer attends.
+`attn` times the sparse attention op alone over the same selection (what a fused kernel replaces);
+`pairs` is the share of the causal (query, key) pairs the sparse layer attends.
 Under DSA's budget (one k for every query; queries with fewer than k predecessors see all of them) it
 is well above keep at keep 0.25, and it is the ratio a sparse layer would reach if it spent the same
 time per attended pair as dense attention and no time on anything else.
@@ -41,22 +42,23 @@ def sparse_layer(d_model, block_size, query_block, backend, indexer_heads, index
     return DeepSeekSparseAttention(indexer, budget, block_size=block_size, query_block=query_block, backend=backend)
 
 
-def attended_share(dsa: DeepSeekSparseAttention, x, k: int) -> float:
-    """The share of causal (query, key) pairs the layer attends with budget k."""
-    L = x.shape[1]
-    with torch.no_grad():
-        indices = dsa.select(x, dsa.index_scores(x), k)
-    return float(dsa.attended_pairs((indices >= 0).sum(-1), L).mean()) / (L * (L + 1) / 2)
+def attended_share(dsa: DeepSeekSparseAttention, indices: torch.Tensor, seq_len: int) -> float:
+    """The share of causal (query, key) pairs a selection attends."""
+    return float(dsa.attended_pairs((indices >= 0).sum(-1), seq_len).mean()) / (seq_len * (seq_len + 1) / 2)
 
 
-def run_sparse_layer(dsa: DeepSeekSparseAttention, x, q, kv, k: int) -> torch.Tensor:
-    """Indexer -> causal top-k -> sparse attention, as inside a DSA layer (without the indexer's KL)."""
-    indices = dsa.select(x, dsa.index_scores(x), k)
+def run_attention(dsa: DeepSeekSparseAttention, q, kv, indices) -> torch.Tensor:
+    """The sparse attention op alone, over a given selection."""
     layout = dict(block_size=dsa.block_size, query_block=dsa.query_block)
     out, _ = sparse_attention(
         q, kv, indices, scale=q.shape[-1] ** -0.5, v_dim=q.shape[-1], backend=dsa.backend, **layout
     )
     return out
+
+
+def run_sparse_layer(dsa: DeepSeekSparseAttention, x, q, kv, k: int) -> torch.Tensor:
+    """Indexer -> causal top-k -> sparse attention, as inside a DSA layer (without the indexer's KL)."""
+    return run_attention(dsa, q, kv, dsa.select(x, dsa.index_scores(x), k))
 
 
 def main() -> None:
@@ -98,9 +100,11 @@ def main() -> None:
     ]
     print(
         f"device: {device_name(device)}  dtype: {args.dtype}  B={B} H={H} d_h={D}  "
-        f"(ratio = full sparse layer / dense causal SDPA, < 1 is faster; pairs = share of causal pairs attended)"
+        "(ratio = full sparse layer / dense causal SDPA, < 1 is faster; attn = the attention op alone over the "
+        "same selection; pairs = share of causal pairs attended)"
     )
-    print(f"{'mode':6} {'pass':7} {'L':>6} {'budget':>11} {'ms':>9} {'dense ms':>9} {'ratio':>7} {'pairs':>7}")
+    header = f"{'ms':>9} {'attn ms':>9} {'dense ms':>9} {'ratio':>7} {'attn':>7} {'pairs':>7}"
+    print(f"{'mode':6} {'pass':7} {'L':>6} {'budget':>11} {header}")
     records = []
     for L, mode, (kind, value), ps in tqdm(jobs, desc="benchmark"):
         x = torch.randn(B, L, args.d_model, device=device, dtype=dtype)
@@ -122,14 +126,17 @@ def main() -> None:
 
         qd = torch.randn(B, H, L, D, device=device, dtype=dtype, requires_grad=ps == "fwdbwd")
         kd, vd = (torch.randn_like(qd).requires_grad_(ps == "fwdbwd") for _ in range(2))
-        sparse_runs, dense_runs = take_turns(
+        with torch.no_grad():
+            indices = layers[mode].select(x, layers[mode].index_scores(x), k)
+        layer_runs, attention_runs, dense_runs = take_turns(
             [
                 wall_ms(lambda: run(lambda: run_sparse_layer(layers[mode], x, q, kv, k)), device),
+                wall_ms(lambda: run(lambda: run_attention(layers[mode], q, kv, indices)), device),
                 wall_ms(lambda: run(lambda: F.scaled_dot_product_attention(qd, kd, vd, is_causal=True)), device),
             ],
             args.repeats,
         )
-        ms, dense_ms = median(sparse_runs), median(dense_runs)
+        ms, attention_ms, dense_ms = median(layer_runs), median(attention_runs), median(dense_runs)
         records.append(
             {
                 "mode": mode,
@@ -138,9 +145,11 @@ def main() -> None:
                 "k": k,
                 "pass": ps,
                 "ms": round(ms, 3),
+                "attention_ms": round(attention_ms, 3),
                 "dense_ms": round(dense_ms, 3),
                 "ratio_vs_dense": round(ms / dense_ms, 3),
-                "pairs_vs_dense": round(attended_share(layers[mode], x, k), 3),
+                "attention_ratio_vs_dense": round(attention_ms / dense_ms, 3),
+                "pairs_vs_dense": round(attended_share(layers[mode], indices, L), 3),
                 "device": device_name(device),
                 "dtype": args.dtype,
                 "B": B,
@@ -159,7 +168,8 @@ def main() -> None:
 
 def table_row(r: dict) -> str:
     budget = f"keep {r['keep']:.2f}" if "keep" in r else f"k {r['k']}"
-    times = f"{r['ms']:>9.1f} {r['dense_ms']:>9.1f} {r['ratio_vs_dense']:>7.3f} {r['pairs_vs_dense']:>7.3f}"
+    times = f"{r['ms']:>9.1f} {r['attention_ms']:>9.1f} {r['dense_ms']:>9.1f} {r['ratio_vs_dense']:>7.3f}"
+    times += f" {r['attention_ratio_vs_dense']:>7.3f} {r['pairs_vs_dense']:>7.3f}"
     return f"{r['mode']:6} {r['pass']:7} {r['L']:>6} {budget:>11} {times}"
 
 
