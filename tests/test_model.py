@@ -3,7 +3,7 @@ import torch
 from adaptive_attn.model.llm import DenseMoELLM, FixedSparseMoELLM
 from adaptive_attn.model.mla import MultiHeadLatentAttention
 from adaptive_attn.model.moe import DeepSeekMoE
-from adaptive_attn.model.rope import RotaryEmbedding
+from adaptive_attn.model.rope import RotaryEmbedding, apply_rope
 from tests.conftest import tiny_model_kwargs
 
 
@@ -35,6 +35,17 @@ def test_mla_expanded_and_absorbed_paths_agree():
     absorbed = mla.up_project(mla.absorbed_attention(*mla.absorb(*parts)))
     assert expanded.shape == absorbed.shape == (3, 4, 37, 10)
     assert (expanded - absorbed).abs().max() < 1e-9
+
+
+def test_rope_tables_are_computed_once_and_serve_training_after_validation():
+    rope = RotaryEmbedding(8)
+    with torch.inference_mode():  # Lightning validates in inference mode by default
+        cos, sin = rope(10, torch.float32)
+    assert rope(10, torch.float32)[0] is cos  # cached
+    assert torch.allclose(cos[3, 1], torch.tensor(3 * 10000 ** (-2 / 8)).cos())
+    x = torch.randn(2, 10, 8, requires_grad=True)
+    apply_rope(x, *rope(10, torch.float32)).sum().backward()
+    assert x.grad is not None and not cos.is_inference()
 
 
 def test_low_rank_query_mla_runs_and_is_causal():

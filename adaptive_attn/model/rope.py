@@ -13,13 +13,18 @@ class RotaryEmbedding(nn.Module):
             raise ValueError(f"rotary dim must be even, got {dim}")
         self.dim = dim
         self.register_buffer("inv_freq", base ** (-torch.arange(0, dim, 2).float() / dim), persistent=False)
+        self._tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # (L, dtype, device) -> (cos, sin)
 
     def forward(self, seq_len: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> cos, sin: [L, dim]"""
-        pos = torch.arange(seq_len, device=self.inv_freq.device, dtype=torch.float64)
-        angles = torch.outer(pos, self.inv_freq.double())
-        angles = torch.cat([angles, angles], dim=-1)
-        return angles.cos().to(dtype), angles.sin().to(dtype)
+        """-> cos, sin: [L, dim], computed once per length, dtype and device"""
+        key = (seq_len, dtype, self.inv_freq.device)
+        if key not in self._tables:
+            with torch.inference_mode(False):  # tables made during validation must serve training too
+                pos = torch.arange(seq_len, device=self.inv_freq.device, dtype=torch.float64)
+                angles = torch.outer(pos, self.inv_freq.double())
+                angles = torch.cat([angles, angles], dim=-1)
+                self._tables[key] = angles.cos().to(dtype), angles.sin().to(dtype)
+        return self._tables[key]
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
