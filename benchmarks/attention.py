@@ -86,11 +86,10 @@ def main() -> None:
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     torch.manual_seed(0)
     B, H, D = args.batch, args.heads, args.head_dim
+    blocks = {"token": (1, 1), "block": (args.block_size, args.query_block)}
     layers = {
-        "token": sparse_layer(args.d_model, 1, 1, args.backend, args.indexer_heads, args.indexer_dim),
-        "block": sparse_layer(
-            args.d_model, args.block_size, args.query_block, args.backend, args.indexer_heads, args.indexer_dim
-        ),
+        mode: sparse_layer(args.d_model, *blocks[mode], args.backend, args.indexer_heads, args.indexer_dim)
+        for mode in args.modes
     }
     for layer in layers.values():
         layer.to(device, dtype)
@@ -107,67 +106,71 @@ def main() -> None:
     print(f"{'mode':6} {'pass':7} {'L':>6} {'budget':>11} {header}")
     records = []
     for L, mode, (kind, value), ps in tqdm(jobs, desc="benchmark"):
-        x = torch.randn(B, L, args.d_model, device=device, dtype=dtype)
-        # MLA's absorbed queries are laid out [B, L, H, D] (see MultiHeadLatentAttention.absorb)
-        q = torch.randn(B, L, H, D, device=device, dtype=dtype).transpose(1, 2).requires_grad_(ps == "fwdbwd")
-        kv = torch.randn(B, L, D, device=device, dtype=dtype, requires_grad=ps == "fwdbwd")
         k = min(L, math.ceil(value * L)) if kind == "keep" else min(L, int(value))
-
-        # the output's gradient as an attention layer receives it: laid out [B, L, H, D], as its output
-        # is transposed back to tokens before the output projection (for dense and sparse alike)
-        grad = torch.randn(B, L, H, D, device=device, dtype=dtype).transpose(1, 2)
-
-        def run(fn):
-            if ps == "fwd":
-                with torch.no_grad():
-                    fn()
-            else:
-                fn().backward(grad)
-
-        qd = torch.randn(B, H, L, D, device=device, dtype=dtype, requires_grad=ps == "fwdbwd")
-        kd, vd = (torch.randn_like(qd).requires_grad_(ps == "fwdbwd") for _ in range(2))
-        with torch.no_grad():
-            indices = layers[mode].select(x, layers[mode].index_scores(x), k)
-        layer_runs, attention_runs, dense_runs = take_turns(
-            [
-                wall_ms(lambda: run(lambda: run_sparse_layer(layers[mode], x, q, kv, k)), device),
-                wall_ms(lambda: run(lambda: run_attention(layers[mode], q, kv, indices)), device),
-                wall_ms(lambda: run(lambda: F.scaled_dot_product_attention(qd, kd, vd, is_causal=True)), device),
-            ],
-            args.repeats,
-        )
-        ms, attention_ms, dense_ms = median(layer_runs), median(attention_runs), median(dense_runs)
-        records.append(
-            {
-                "mode": mode,
-                "L": L,
-                kind: value,
-                "k": k,
-                "pass": ps,
-                "ms": round(ms, 3),
-                "attention_ms": round(attention_ms, 3),
-                "dense_ms": round(dense_ms, 3),
-                "ratio_vs_dense": round(ms / dense_ms, 3),
-                "attention_ratio_vs_dense": round(attention_ms / dense_ms, 3),
-                "pairs_vs_dense": round(attended_share(layers[mode], indices, L), 3),
-                "device": device_name(device),
-                "dtype": args.dtype,
-                "B": B,
-                "H": H,
-                "d_h": D,
-                **({"block_size": args.block_size, "query_block": args.query_block} if mode == "block" else {}),
-            }
-        )
+        record = {"mode": mode, "L": L, kind: value, "k": k, "pass": ps, "device": device_name(device)}
+        record.update(dtype=args.dtype, B=B, H=H, d_h=D)
+        if mode == "block":
+            record.update(block_size=args.block_size, query_block=args.query_block)
+        try:
+            record.update(measure(layers[mode], L, k, ps, B, H, D, args.d_model, args.repeats, device, dtype))
+        except Exception as err:  # one configuration that fails (a kernel, memory) must not end the table
+            record["error"] = f"{type(err).__name__}: {err}".splitlines()[0][:300]
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        records.append(record)
 
         # each row as it is measured, and the JSON so far: a run cut short keeps what it measured
-        tqdm.write(table_row(records[-1]))
+        tqdm.write(table_row(record))
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(records, f, indent=1)
 
 
+def measure(layer, L, k, ps, B, H, D, d_model, repeats, device, dtype) -> dict:
+    """Time the full sparse layer, its attention op alone and dense causal SDPA, in turns -> their fields."""
+    x = torch.randn(B, L, d_model, device=device, dtype=dtype)
+    # MLA's absorbed queries are laid out [B, L, H, D] (see MultiHeadLatentAttention.absorb)
+    q = torch.randn(B, L, H, D, device=device, dtype=dtype).transpose(1, 2).requires_grad_(ps == "fwdbwd")
+    kv = torch.randn(B, L, D, device=device, dtype=dtype, requires_grad=ps == "fwdbwd")
+
+    # the output's gradient as an attention layer receives it: laid out [B, L, H, D], as its output
+    # is transposed back to tokens before the output projection (for dense and sparse alike)
+    grad = torch.randn(B, L, H, D, device=device, dtype=dtype).transpose(1, 2)
+
+    def run(fn):
+        if ps == "fwd":
+            with torch.no_grad():
+                fn()
+        else:
+            fn().backward(grad)
+
+    qd = torch.randn(B, H, L, D, device=device, dtype=dtype, requires_grad=ps == "fwdbwd")
+    kd, vd = (torch.randn_like(qd).requires_grad_(ps == "fwdbwd") for _ in range(2))
+    with torch.no_grad():
+        indices = layer.select(x, layer.index_scores(x), k)
+    layer_runs, attention_runs, dense_runs = take_turns(
+        [
+            wall_ms(lambda: run(lambda: run_sparse_layer(layer, x, q, kv, k)), device),
+            wall_ms(lambda: run(lambda: run_attention(layer, q, kv, indices)), device),
+            wall_ms(lambda: run(lambda: F.scaled_dot_product_attention(qd, kd, vd, is_causal=True)), device),
+        ],
+        repeats,
+    )
+    ms, attention_ms, dense_ms = median(layer_runs), median(attention_runs), median(dense_runs)
+    return {
+        "ms": round(ms, 3),
+        "attention_ms": round(attention_ms, 3),
+        "dense_ms": round(dense_ms, 3),
+        "ratio_vs_dense": round(ms / dense_ms, 3),
+        "attention_ratio_vs_dense": round(attention_ms / dense_ms, 3),
+        "pairs_vs_dense": round(attended_share(layer, indices, L), 3),
+    }
+
+
 def table_row(r: dict) -> str:
     budget = f"keep {r['keep']:.2f}" if "keep" in r else f"k {r['k']}"
+    if "error" in r:
+        return f"{r['mode']:6} {r['pass']:7} {r['L']:>6} {budget:>11}  error: {r['error']}"
     times = f"{r['ms']:>9.1f} {r['attention_ms']:>9.1f} {r['dense_ms']:>9.1f} {r['ratio_vs_dense']:>7.3f}"
     times += f" {r['attention_ratio_vs_dense']:>7.3f} {r['pairs_vs_dense']:>7.3f}"
     return f"{r['mode']:6} {r['pass']:7} {r['L']:>6} {budget:>11} {times}"

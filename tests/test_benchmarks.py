@@ -55,3 +55,18 @@ def test_throughput_benchmark_records(tmp_path):
     assert dense["ratio_vs_baseline"] == 1.0
     tokens_per_s = 2 * 32 / fixed["step_ms"] * 1000
     assert fixed["step_ms"] > 0 and abs(fixed["tokens_per_s"] - tokens_per_s) < 0.01 * tokens_per_s
+
+
+def test_attention_benchmark_records_a_failing_configuration_and_goes_on(tmp_path):
+    """FlexAttention has no backward on the CPU: its fwd+bwd rows record the error, the fwd rows their times."""
+    out = tmp_path / "attention.json"
+    tiny = ["--batch", "1", "--heads", "2", "--head-dim", "8", "--d-model", "32", "--indexer-heads", "2"]
+    tiny += ["--indexer-dim", "8", "--block-size", "16", "--query-block", "32", "--repeats", "1"]
+    run_script(
+        "attention.py",
+        *("--modes", "block", "--backend", "flex", "--lengths", "64", "--keeps", "0.5", "--ks", *tiny),
+        *("--json", str(out)),
+    )
+    fwd, fwdbwd = json.loads(out.read_text())
+    assert fwd["pass"] == "fwd" and fwd["ms"] > 0 and "error" not in fwd
+    assert fwdbwd["pass"] == "fwdbwd" and "backward" in fwdbwd["error"] and "ms" not in fwdbwd
