@@ -6,6 +6,8 @@ import sys
 from pathlib import Path
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+TINY = ["--batch", "1", "--heads", "2", "--head-dim", "8", "--d-model", "32", "--indexer-heads", "2"]
+TINY += ["--indexer-dim", "8", "--repeats", "1"]
 
 
 def run_script(name: str, *args: str) -> None:
@@ -19,9 +21,8 @@ def causal_pairs_share(seq_len: int, keys_of_query) -> float:
 
 def test_attention_benchmark_records(tmp_path):
     out = tmp_path / "attention.json"
-    tiny = ["--batch", "1", "--heads", "2", "--head-dim", "8", "--d-model", "32", "--indexer-heads", "2"]
-    tiny += ["--indexer-dim", "8", "--block-size", "16", "--query-block", "16", "--repeats", "1"]
-    run_script("attention.py", "--lengths", "64", "--keeps", "0.25", "--ks", "16", *tiny, "--json", str(out))
+    blocks = ["--block-size", "16", "--query-block", "16"]
+    run_script("attention.py", "--lengths", "64", "--keeps", "0.25", "--ks", "16", *TINY, *blocks, "--json", str(out))
     records = json.loads(out.read_text())
 
     assert len(records) == 2 * 2 * 2  # modes x budgets x passes
@@ -60,12 +61,10 @@ def test_throughput_benchmark_records(tmp_path):
 def test_attention_benchmark_records_a_failing_configuration_and_goes_on(tmp_path):
     """FlexAttention has no backward on the CPU: its fwd+bwd rows record the error, the fwd rows their times."""
     out = tmp_path / "attention.json"
-    tiny = ["--batch", "1", "--heads", "2", "--head-dim", "8", "--d-model", "32", "--indexer-heads", "2"]
-    tiny += ["--indexer-dim", "8", "--block-size", "16", "--query-block", "32", "--repeats", "1"]
     run_script(
         "attention.py",
-        *("--modes", "block", "--backend", "flex", "--lengths", "64", "--keeps", "0.5", "--ks", *tiny),
-        *("--json", str(out)),
+        *("--modes", "block", "--backend", "flex", "--lengths", "64", "--keeps", "0.5", "--ks", *TINY),
+        *("--block-size", "16", "--query-block", "32", "--json", str(out)),
     )
     fwd, fwdbwd = json.loads(out.read_text())
     assert fwd["pass"] == "fwd" and fwd["ms"] > 0 and "error" not in fwd
