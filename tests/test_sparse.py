@@ -45,6 +45,25 @@ def test_selector_properties_on_random_inputs(trial):
                 assert scores[b, r, picked].min() >= scores[b, r, others].max()
 
 
+def test_selection_of_a_row_depends_on_its_own_scores_and_k_alone():
+    """Among tied scores the most recent positions win, whatever the other rows' budgets (which set K)."""
+    g = torch.Generator().manual_seed(0)
+    L = 60
+    scores = torch.randint(0, 3, (2, L, L), generator=g).float()  # ties in every row
+    k = torch.randint(1, 12, (2, L), generator=g)
+    alone = TopKTokenSelector()(scores, k, torch.arange(1, L + 1))
+    k_later = k.clone()
+    k_later[:, 40:] = 50  # later rows take more: the largest k, and with it topk's K, grows
+    with_later = TopKTokenSelector()(scores, k_later, torch.arange(1, L + 1))
+    K = alone.shape[-1]
+    assert with_later.shape[-1] > K
+    assert torch.equal(with_later[:, :40, :K], alone[:, :40]) and (with_later[:, :40, K:] == -1).all()
+    for b, r in [(0, 10), (1, 39), (0, 59)]:  # the chosen: by score, then by position from the most recent
+        order = sorted(range(r), key=lambda s: (float(scores[b, r, s]), s), reverse=True)
+        expected = [r] + order[: min(int(k[b, r]), r + 1) - 1]
+        assert alone[b, r][alone[b, r] >= 0].tolist() == expected
+
+
 def random_token_selection(B, L, k, per_query=False):
     scores = torch.randn(B, L, L)
     kk = torch.randint(1, k + 1, (B, L)) if per_query else k
