@@ -6,7 +6,12 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from adaptive_attn.ops.sparse_attention import BACKENDS, FLEX_TILE, flex_fits
+from adaptive_attn.data.datamodule import check_synthetic
+from adaptive_attn.ops.dispatch import check_backend
+from adaptive_attn.ops.layout import check_blocks
+from adaptive_attn.sparse.budget import check_keep, check_target
+from adaptive_attn.sparse.controller import check_query_stride
+from adaptive_attn.sparse.indexer import check_rope_dim
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 GROUPS = ("model", "data", "trainer", "logger", "callbacks", "experiment", "hydra/launcher")
@@ -70,15 +75,34 @@ def cfg_get(cfg: DictConfig, key: str):
     return node
 
 
+def _rule(check, *args) -> None:
+    """A rule that lives with the code it governs (ValueError naming the key) -> ConfigError, same words."""
+    try:
+        check(*args)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
 def validate(cfg: DictConfig) -> None:
     """Check every value a run depends on; raises ConfigError with one line."""
     seq_len = _int_in(cfg, "seq_len", 2, MAX_SEQ_LEN)
     _int_in(cfg, "seed", 0)
-    m = cfg.model
+    _validate_architecture(cfg)
+    if "keep" in cfg.model:
+        _rule(check_keep, cfg.model.keep, cfg.model.get("k"))
+    if cfg.model.get("budget") is not None:
+        _validate_budget(cfg)
+    if cfg.model.get("sparse") is not None:
+        _validate_sparse(cfg)
+    _validate_data(cfg, seq_len)
+    _int_in(cfg, "trainer.max_steps", 1)
+
+
+def _validate_architecture(cfg: DictConfig) -> None:
     d_model = _int_in(cfg, "model.d_model", 1)
     n_heads = _int_in(cfg, "model.n_heads", 1)
     _require(
-        d_model % n_heads == 0 or m.get("head_dim"),
+        d_model % n_heads == 0 or cfg.model.get("head_dim"),
         f"model.n_heads={n_heads} is invalid: must divide model.d_model={d_model} (e.g. "
         f"{', '.join(str(h) for h in range(1, d_model + 1) if d_model % h == 0 and h <= 32)})",
     )
@@ -86,57 +110,40 @@ def validate(cfg: DictConfig) -> None:
     rope_dim = _int_in(cfg, "model.rope_dim", 2)
     _require(rope_dim % 2 == 0, f"model.rope_dim={rope_dim} is invalid: must be even")
     _int_in(cfg, "model.kv_rank", 1)
+    _int_in(cfg, "model.short_conv", 0)
     n_routed = _int_in(cfg, "model.moe.n_routed", 1)
     _int_in(cfg, "model.moe.top_k", 1, n_routed)
     _int_in(cfg, "model.vocab_size", 2)
-    if "keep" in m:
-        keep = m.keep
-        _require(isinstance(keep, (int, float)) and 0 < keep <= 1, f"model.keep={keep!r} is invalid: must be in (0, 1]")
-    if m.get("budget") is not None:
-        target = m.budget.get("target")
-        lo, hi = m.budget.get("lo", 0.0), m.budget.get("hi", 1.0)
-        _require(
-            isinstance(target, (int, float)) and lo < target < hi,
-            f"model.budget.target={target!r} is invalid: must be in ({lo}, {hi})",
-        )
-        if "query_stride" in m.budget:
-            _int_in(cfg, "model.budget.query_stride", 1)
-    if m.get("sparse") is not None:
-        s = m.sparse
-        block = _int_in(cfg, "model.sparse.block_size", 1, 4096)
-        qb = s.get("query_block") or block
-        _require(
-            isinstance(qb, int) and qb % block == 0,
-            f"model.sparse.query_block={qb!r} is invalid: must be a positive multiple of block_size={block}",
-        )
-        _require(s.backend in BACKENDS, f"model.sparse.backend={s.backend!r} is invalid: choose one of {BACKENDS}")
-        _require(
-            not (s.backend == "triton" and block > 1) and not (s.backend == "flex" and block == 1),
-            f"model.sparse.backend={s.backend} does not fit model.sparse.block_size={block}: "
-            "triton is token-level (block_size=1), flex is block-level (block_size > 1)",
-        )
-        _require(
-            s.backend != "flex" or flex_fits(block, qb),
-            f"model.sparse.backend=flex does not fit model.sparse.block_size={block}, query_block={qb}: "
-            f"FlexAttention needs multiples of {FLEX_TILE}",
-        )
-        _int_in(cfg, "model.sparse.warmup_steps", 0)
-        _int_in(cfg, "model.sparse.indexer.n_heads", 1)
-        head_dim = _int_in(cfg, "model.sparse.indexer.head_dim", 2)
-        _int_in(cfg, "model.sparse.indexer.rope_dim", 2, head_dim)
+
+
+def _validate_budget(cfg: DictConfig) -> None:
+    budget = cfg.model.budget
+    _rule(check_target, budget.get("target"), budget.get("lo", 0.0), budget.get("hi", 1.0))
+    if "query_stride" in budget:
+        _rule(check_query_stride, budget.query_stride)
+
+
+def _validate_sparse(cfg: DictConfig) -> None:
+    s = cfg.model.sparse
+    block = s.get("block_size")
+    query_block = s.get("query_block") or block
+    _rule(check_blocks, block, query_block)
+    _rule(check_backend, s.backend, block, query_block)
+    _int_in(cfg, "model.sparse.dense_warmup_steps", 0)
+    _int_in(cfg, "model.sparse.sink_tokens", 0)
+    _int_in(cfg, "model.sparse.indexer.n_heads", 1)
+    head_dim = _int_in(cfg, "model.sparse.indexer.head_dim", 2)
+    _rule(check_rope_dim, s.indexer.get("rope_dim"), head_dim)
+
+
+def _validate_data(cfg: DictConfig, seq_len: int) -> None:
     d = cfg.data
     _int_in(cfg, "data.batch_size", 1)
     for p in d.get("paths") or []:
         _require(Path(p).exists(), f"data.paths: {p} does not exist (give existing files or directories)")
-    if d.get("max_pairs") is not None or d.get("min_pairs") is not None:
-        hi = seq_len // 4
-        mx = d.get("max_pairs") or hi
-        _require(1 <= mx <= hi, f"data.max_pairs={mx} is invalid: must be in [1, seq_len // 4 = {hi}]")
-        mn = d.get("min_pairs") or max(1, mx // 8)
-        _require(1 <= mn <= mx, f"data.min_pairs={mn} is invalid: must be in [1, data.max_pairs = {mx}]")
-    if "min_pairs" in d:
-        _require(seq_len >= 4, f"seq_len={seq_len} is invalid for data=mqar: must be >= 4")
-    _int_in(cfg, "trainer.max_steps", 1)
+    if "task" in d:
+        args = [d.get(k) for k in ("min_pairs", "max_pairs")] + [d.get("alphabets", ()), d.get("count_cap", 15)]
+        _rule(check_synthetic, d.task, seq_len, d.vocab_size, *args)
 
 
 def fail(message: str) -> None:

@@ -16,7 +16,6 @@ time per attended pair as dense attention and no time on anything else.
 
 import argparse
 import json
-import math
 import platform
 
 import torch
@@ -24,8 +23,9 @@ import torch.nn.functional as F
 from timing import median, take_turns, wall_ms
 from tqdm.auto import tqdm
 
-from adaptive_attn.ops.sparse_attention import sparse_attention
-from adaptive_attn.sparse.budget import FixedBudget
+from adaptive_attn.ops.dispatch import sparse_attention
+from adaptive_attn.ops.layout import SparseLayout
+from adaptive_attn.sparse.budget import FixedBudget, fixed_k
 from adaptive_attn.sparse.dsa import DeepSeekSparseAttention
 from adaptive_attn.sparse.indexer import LightningIndexer
 
@@ -42,23 +42,31 @@ def sparse_layer(d_model, block_size, query_block, backend, indexer_heads, index
     return DeepSeekSparseAttention(indexer, budget, block_size=block_size, query_block=query_block, backend=backend)
 
 
-def attended_share(dsa: DeepSeekSparseAttention, indices: torch.Tensor, seq_len: int) -> float:
+def budget_columns(layout: SparseLayout, kind: str, value: float):
+    """A benchmark budget in the layout's columns: a fixed keep, or k tokens."""
+    return fixed_k(value, layout) if kind == "keep" else layout.columns_for_tokens(int(value))
+
+
+def attended_share(layout: SparseLayout, indices: torch.Tensor) -> float:
     """The share of causal (query, key) pairs a selection attends."""
-    return float(dsa.attended_pairs((indices >= 0).sum(-1), seq_len).mean()) / (seq_len * (seq_len + 1) / 2)
+    return float(layout.attended_pairs((indices >= 0).sum(-1)).mean()) / layout.causal_pairs
 
 
-def run_attention(dsa: DeepSeekSparseAttention, q, kv, indices) -> torch.Tensor:
+def run_attention(dsa: DeepSeekSparseAttention, q, kv, indices, layout: SparseLayout) -> torch.Tensor:
     """The sparse attention op alone, over a given selection."""
-    layout = dict(block_size=dsa.block_size, query_block=dsa.query_block)
-    out, _ = sparse_attention(
-        q, kv, indices, scale=q.shape[-1] ** -0.5, v_dim=q.shape[-1], backend=dsa.backend, **layout
-    )
+    backend = dsa.attention(q.device)
+    out, _ = sparse_attention(q, kv, indices, layout, scale=q.shape[-1] ** -0.5, v_dim=q.shape[-1], backend=backend)
     return out
 
 
-def run_sparse_layer(dsa: DeepSeekSparseAttention, x, q, kv, k: int) -> torch.Tensor:
+def select(dsa: DeepSeekSparseAttention, x, layout: SparseLayout, k) -> torch.Tensor:
+    """Indexer -> causal top-k (k in columns), as inside a DSA layer."""
+    return dsa.selector(dsa.indexer(x, layout), layout.hard_columns(k), layout)
+
+
+def run_sparse_layer(dsa: DeepSeekSparseAttention, x, q, kv, layout: SparseLayout, k) -> torch.Tensor:
     """Indexer -> causal top-k -> sparse attention, as inside a DSA layer (without the indexer's KL)."""
-    return run_attention(dsa, q, kv, dsa.select(x, dsa.index_scores(x), k))
+    return run_attention(dsa, q, kv, select(dsa, x, layout, k), layout)
 
 
 def main() -> None:
@@ -106,13 +114,15 @@ def main() -> None:
     print(f"{'mode':6} {'pass':7} {'L':>6} {'budget':>11} {header}")
     records = []
     for L, mode, (kind, value), ps in tqdm(jobs, desc="benchmark"):
-        k = min(L, math.ceil(value * L)) if kind == "keep" else min(L, int(value))
-        record = {"mode": mode, "L": L, kind: value, "k": k, "pass": ps, "device": device_name(device)}
+        record = {"mode": mode, "L": L, kind: value, "pass": ps, "device": device_name(device)}
         record.update(dtype=args.dtype, B=B, H=H, d_h=D)
         if mode == "block":
             record.update(block_size=args.block_size, query_block=args.query_block)
         try:
-            record.update(measure(layers[mode], L, k, ps, B, H, D, args.d_model, args.repeats, device, dtype))
+            layout = layers[mode].layout(L, device)
+            columns = budget_columns(layout, kind, value)
+            record["columns"] = layout.hard_columns(columns)  # tokens, or past blocks besides the diagonal
+            record.update(measure(layers[mode], layout, columns, ps, B, H, D, args.d_model, args.repeats, dtype))
         except Exception as err:  # one configuration that fails (a kernel, memory) must not end the table
             record["error"] = f"{type(err).__name__}: {err}".splitlines()[0][:300]
             if device.type == "cuda":
@@ -126,8 +136,10 @@ def main() -> None:
                 json.dump(records, f, indent=1)
 
 
-def measure(layer, L, k, ps, B, H, D, d_model, repeats, device, dtype) -> dict:
-    """Time the full sparse layer, its attention op alone and dense causal SDPA, in turns -> their fields."""
+def measure(layer, layout, k, ps, B, H, D, d_model, repeats, dtype) -> dict:
+    """Time the full sparse layer, its attention op alone and dense causal SDPA, in turns -> their fields.
+    k: the budget in the layout's columns."""
+    L, device = layout.seq_len, layout.device
     x = torch.randn(B, L, d_model, device=device, dtype=dtype)
     # MLA's absorbed queries are laid out [B, L, H, D] (see MultiHeadLatentAttention.absorb)
     q = torch.randn(B, L, H, D, device=device, dtype=dtype).transpose(1, 2).requires_grad_(ps == "fwdbwd")
@@ -147,11 +159,11 @@ def measure(layer, L, k, ps, B, H, D, d_model, repeats, device, dtype) -> dict:
     qd = torch.randn(B, H, L, D, device=device, dtype=dtype, requires_grad=ps == "fwdbwd")
     kd, vd = (torch.randn_like(qd).requires_grad_(ps == "fwdbwd") for _ in range(2))
     with torch.no_grad():
-        indices = layer.select(x, layer.index_scores(x), k)
+        indices = select(layer, x, layout, k)
     layer_runs, attention_runs, dense_runs = take_turns(
         [
-            wall_ms(lambda: run(lambda: run_sparse_layer(layer, x, q, kv, k)), device),
-            wall_ms(lambda: run(lambda: run_attention(layer, q, kv, indices)), device),
+            wall_ms(lambda: run(lambda: run_sparse_layer(layer, x, q, kv, layout, k)), device),
+            wall_ms(lambda: run(lambda: run_attention(layer, q, kv, indices, layout)), device),
             wall_ms(lambda: run(lambda: F.scaled_dot_product_attention(qd, kd, vd, is_causal=True)), device),
         ],
         repeats,
@@ -163,12 +175,12 @@ def measure(layer, L, k, ps, B, H, D, d_model, repeats, device, dtype) -> dict:
         "dense_ms": round(dense_ms, 3),
         "ratio_vs_dense": round(ms / dense_ms, 3),
         "attention_ratio_vs_dense": round(attention_ms / dense_ms, 3),
-        "pairs_vs_dense": round(attended_share(layer, indices, L), 3),
+        "pairs_vs_dense": round(attended_share(layout, indices), 3),
     }
 
 
 def table_row(r: dict) -> str:
-    budget = f"keep {r['keep']:.2f}" if "keep" in r else f"k {r['k']}"
+    budget = f"keep {r['keep']:.2f}" if "keep" in r else f"k {r['k']:g}"
     if "error" in r:
         return f"{r['mode']:6} {r['pass']:7} {r['L']:>6} {budget:>11}  error: {r['error']}"
     times = f"{r['ms']:>9.1f} {r['attention_ms']:>9.1f} {r['dense_ms']:>9.1f} {r['ratio_vs_dense']:>7.3f}"

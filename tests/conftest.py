@@ -38,17 +38,3 @@ def compose_cfg(tmp_path):
 
     yield _compose
     GlobalHydra.instance().clear()
-
-
-def tiny_model_kwargs(**overrides):
-    kwargs = dict(
-        vocab_size=50,
-        d_model=32,
-        n_layers=2,
-        n_heads=4,
-        rope_dim=4,
-        kv_rank=16,
-        moe=dict(n_routed=4, n_shared=1, top_k=2, d_ff_expert=32),
-    )
-    kwargs.update(overrides)
-    return kwargs

@@ -27,12 +27,12 @@ def test_attention_benchmark_records(tmp_path):
 
     assert len(records) == 2 * 2 * 2  # modes x budgets x passes
     for r in records:
-        assert {"mode", "L", "k", "pass", "ms", "dense_ms", "ratio_vs_dense", "device"} <= r.keys()
+        assert {"mode", "L", "columns", "pass", "ms", "dense_ms", "ratio_vs_dense", "device"} <= r.keys()
         assert r["ms"] > 0 and r["attention_ms"] > 0 and r["dense_ms"] > 0
         for part, ratio in (("ms", "ratio_vs_dense"), ("attention_ms", "attention_ratio_vs_dense")):
             assert abs(r[ratio] - r[part] / r["dense_ms"]) < 0.01 * r[ratio] + 1e-3
-        # keep 0.25 of 64 tokens and k = 16 are the same budget
-        assert r["k"] == 16
+        # keep 0.25 of 64 tokens and k = 16 are the same budget: 16 tokens, or the diagonal block alone
+        assert r["columns"] == (16 if r["mode"] == "token" else 0)
         if r["mode"] == "token":  # each query attends min(k, t + 1) tokens
             expected = causal_pairs_share(64, lambda t: min(16, t + 1))
         else:  # k = 16 is the diagonal block alone: each query attends its own block up to itself
@@ -52,7 +52,7 @@ def test_throughput_benchmark_records(tmp_path):
 
     assert [r["model"] for r in records] == ["dense", "fixed25"]
     dense, fixed = records
-    assert dense["keep_mean"] == 1.0 and abs(fixed["keep_mean"] - 0.25) < 1e-6
+    assert dense["equivalent_keep"] == 1.0 and abs(fixed["equivalent_keep"] - 0.25) < 1e-6
     assert dense["ratio_vs_baseline"] == 1.0
     tokens_per_s = 2 * 32 / fixed["step_ms"] * 1000
     assert fixed["step_ms"] > 0 and abs(fixed["tokens_per_s"] - tokens_per_s) < 0.01 * tokens_per_s

@@ -12,6 +12,7 @@ import torch
 from hydra.utils import instantiate
 
 from adaptive_attn.config import group_options
+from tests.helpers import assert_causal
 
 TINY = [
     "data=mqar",
@@ -26,21 +27,6 @@ TINY = [
 SPARSE_MODELS = [m for m in group_options("model") if m != "dense"]
 MODES = {"token": [], "block": ["model.sparse.block_size=4", "model.sparse.query_block=8"]}
 INDEXERS = {"default": ([], 1.0), "confident": (["model.sparse.indexer.n_heads=1"], 10.0)}
-
-
-def assert_causal(model, seq_len, vocab, batch=2, cuts=None):
-    """Changing tokens after position t must leave logits at <= t bit-identical (and change later ones)."""
-    tokens = torch.randint(0, vocab, (batch, seq_len))
-    for mode in (True, False):
-        model.train(mode)
-        with torch.no_grad():
-            base, _ = model(tokens)
-            for t in cuts or (0, seq_len // 3, seq_len // 2, seq_len - 2):
-                changed = tokens.clone()
-                changed[:, t + 1 :] = torch.randint(0, vocab, (batch, seq_len - t - 1))
-                out, _ = model(changed)
-                assert torch.equal(out[:, : t + 1], base[:, : t + 1]), f"position <= {t} saw the future (train={mode})"
-                assert not torch.equal(out[:, t + 1 :], base[:, t + 1 :])
 
 
 def sparse_stage_model(compose_cfg, overrides, indexer="default"):
@@ -59,7 +45,7 @@ def sparse_stage_model(compose_cfg, overrides, indexer="default"):
 @pytest.mark.parametrize("name", SPARSE_MODELS)
 def test_every_sparse_model_is_causal_in_its_sparse_stage(compose_cfg, name, mode, indexer):
     model, vocab = sparse_stage_model(compose_cfg, [f"model={name}", *MODES[mode]], indexer)
-    for seq_len in (37, 64, 128):
+    for seq_len in (8, 37, 128):
         assert_causal(model, seq_len, vocab)
 
 
@@ -71,3 +57,11 @@ def test_per_query_adaptive_budget_is_causal(compose_cfg):
 def test_dense_model_is_causal(compose_cfg):
     model, vocab = sparse_stage_model(compose_cfg, ["model=dense"])
     assert_causal(model, 40, vocab)
+
+
+@pytest.mark.parametrize("name", ["fixed25", "adaptive"])
+@pytest.mark.parametrize("mode", MODES)
+def test_short_conv_and_attention_sinks_keep_models_causal(compose_cfg, name, mode):
+    options = ["model.short_conv=4", "model.sparse.sink_tokens=3"]
+    model, vocab = sparse_stage_model(compose_cfg, [f"model={name}", *MODES[mode], *options], "confident")
+    assert_causal(model, 64, vocab)

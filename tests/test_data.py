@@ -5,9 +5,8 @@ import pytest
 import torch
 
 from adaptive_attn.data import text
-from adaptive_attn.data.datamodule import HFTextDataModule, MQARDataModule, TextDataModule
-from adaptive_attn.data.mqar import MQARDataset
-from adaptive_attn.lit.module import IGNORE, split_batch
+from adaptive_attn.data.datamodule import HFTextDataModule, TextDataModule
+from adaptive_attn.lit.module import split_batch
 
 
 def test_labels_are_shifted_exactly_once():
@@ -85,32 +84,3 @@ def test_hf_text_datamodule_reads_local_dataset_in_tinystories_format(tmp_path):
     batch = next(iter(dm.val_dataloader()))
     assert batch["tokens"].shape == (2, 33)
     assert bytes(dm.splits["train"].tokens[:4].astype(np.uint8)) == b"Once"
-
-
-def test_mqar_records_difficulty_and_answers_are_recallable():
-    ds = MQARDataset(num_samples=200, seq_len=128, vocab_size=256, min_pairs=4, max_pairs=32, seed=0)
-    n_pairs = []
-    for i in range(len(ds)):
-        item = ds[i]
-        tokens, mask, n = item["tokens"], item["target_mask"], int(item["n_pairs"])
-        n_pairs.append(n)
-        assert tokens.shape == (129,) and mask.shape == (128,)
-        table = {int(tokens[2 * j]): int(tokens[2 * j + 1]) for j in range(n)}
-        assert len(table) == n  # distinct keys
-        answer_pos = mask.nonzero().flatten()
-        assert len(answer_pos) > 0
-        for p in answer_pos.tolist():
-            assert p >= 2 * n and table[int(tokens[p])] == int(tokens[p + 1])  # query key -> its value
-        assert (tokens[: 2 * n : 2] < 128).all() and (tokens[1 : 2 * n : 2] >= 128).all()
-    assert min(n_pairs) <= 6 and max(n_pairs) >= 24  # the difficulty spread covers the range
-    assert torch.equal(ds[5]["tokens"], ds[5]["tokens"])  # deterministic per index
-
-
-def test_mqar_datamodule_masks_everything_but_answers():
-    dm = MQARDataModule(seq_len=64, batch_size=4)
-    dm.setup()
-    batch = next(iter(dm.val_dataloader()))
-    _, targets = split_batch(batch)
-    scored = targets != IGNORE
-    assert scored.sum() == batch["target_mask"].sum() and (targets[scored] >= 128).all()
-    assert "n_pairs" in batch and dm.max_pairs == 16 and dm.min_pairs == 2

@@ -5,14 +5,14 @@ from adaptive_attn.train import run
 
 
 def test_quick_text_run_writes_a_complete_summary(compose_cfg):
-    cfg = compose_cfg(["experiment=quick", "model=fixed25", "model.sparse.warmup_steps=2"])
+    cfg = compose_cfg(["experiment=quick", "model=fixed25", "model.sparse.dense_warmup_steps=2"])
     summary = run(cfg)
     on_disk = json.loads((Path(cfg.output_dir) / "summary.json").read_text())
     assert on_disk["status"] == "ok" and summary["status"] == "ok"
     for key in ("model", "seq_len", "seed", "val_loss", "tokens_per_s", "peak_mem_bytes", "wall_s", "config", "keep"):
         assert on_disk[key] is not None, key
     assert on_disk["model"] == "fixed25" and on_disk["seq_len"] == 64 and on_disk["steps"] == 6
-    assert 0 < on_disk["keep_ratio"] < 1 and abs(on_disk["keep_mean"] - 0.25) < 0.02
+    assert 0 < on_disk["pairs_share"] < 1 and abs(on_disk["equivalent_keep"] - 0.25) < 0.02
     assert 0 <= on_disk["attn_mass_recall_random"] < on_disk["attn_mass_recall"] <= 1
     assert (Path(cfg.output_dir) / "checkpoints" / "last.ckpt").exists()
 

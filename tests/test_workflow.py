@@ -43,7 +43,8 @@ def gpu_pool_sweep(tmp_path_factory) -> Path:
         "model=adaptive,fixed25",
         "seq_len=32,64",
         "seed=0,1",
-        "model.sparse.warmup_steps=2",
+        "model.sparse.dense_warmup_steps=2",
+        "trainer.max_steps=30",  # runs long enough that the two workers' jobs overlap in time
         "hydra/launcher=gpu_pool",
         "hydra.launcher.n_gpus=2",
     )
@@ -63,7 +64,7 @@ def test_gpu_pool_runs_jobs_in_parallel_never_sharing_a_gpu(gpu_pool_sweep):
     assert overlapping, "no two jobs ran at the same time"
     assert all(a["cuda_visible_devices"] != b["cuda_visible_devices"] for a, b in overlapping)
     # k against MQAR difficulty: a correlation for the adaptive budget, undefined for a fixed one
-    assert all(("k_difficulty_spearman" in r) == (r["model"] == "adaptive") for r in runs)
+    assert all(("k_difficulty_spearman_recall" in r) == (r["model"] == "adaptive") for r in runs)
 
 
 def test_sweep_end_writes_analysis_and_notebook_runs_on_it(gpu_pool_sweep):
@@ -109,7 +110,7 @@ def test_resume_from_last_checkpoint_matches_uninterrupted_run(compose_cfg, tmp_
     common = [
         "experiment=quick",
         "model=fixed25",
-        "model.sparse.warmup_steps=3",
+        "model.sparse.dense_warmup_steps=3",
         "trainer.max_steps=8",
         "callbacks.model_checkpoint.every_n_train_steps=2",
     ]
@@ -155,7 +156,7 @@ def test_ddp_run_on_two_cpu_processes_writes_one_summary(tmp_path):
     out = tmp_path / "ddp"
     proc = subprocess.run(
         [sys.executable, "-m", "adaptive_attn.train", *QUICK, "trainer=ddp", "trainer.accelerator=cpu"]
-        + ["trainer.devices=2", "trainer.precision=32-true", "model=adaptive", "model.sparse.warmup_steps=2"]
+        + ["trainer.devices=2", "trainer.precision=32-true", "model=adaptive", "model.sparse.dense_warmup_steps=2"]
         + [f"hydra.run.dir={out}"],
         capture_output=True,
         text=True,

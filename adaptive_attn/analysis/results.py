@@ -15,11 +15,13 @@ METRICS = [
     "tokens_per_s",
     "step_ms",
     "peak_mem_bytes",
-    "keep_mean",
-    "keep_ratio",
+    "equivalent_keep",
+    "pairs_share",
     "attn_mass_recall",
     "attn_mass_recall_random",
-    "k_difficulty_spearman",
+    "needed_recall",
+    "k_difficulty_spearman_recall",
+    "k_difficulty_spearman_counting",
 ]
 TABLE_METRICS = [m for m in METRICS if m not in ("test_loss", "test_acc", "step_ms")]
 
@@ -115,20 +117,26 @@ def format_table(agg: pd.DataFrame, metrics=TABLE_METRICS) -> pd.DataFrame:
 
 
 def plot_sweep(runs: pd.DataFrame, out_dir: str | Path) -> list[Path]:
-    """Line plots over seq_len per model (val loss, accuracy, tokens/s, peak memory, keep), k
+    """Line plots over seq_len per model (val loss, accuracy, tokens/s, peak memory, pairs share), k
     histograms per layer and k vs difficulty. Returns the written PNG paths."""
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    agg = aggregate(runs)
-    written = []
+    written = [plot_metrics_vs_seq_len(aggregate(runs), out_dir / "metrics_vs_seq_len.png")]
+    k = load_k_vs_difficulty(runs)
+    if not k.empty:
+        written.append(plot_k(k, out_dir / "k_histograms_and_difficulty.png"))
+    return written
+
+
+def plot_metrics_vs_seq_len(agg: pd.DataFrame, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
     panels = [
         m
-        for m in ("val_loss", "val_acc", "tokens_per_s", "peak_mem_bytes", "keep_ratio")
+        for m in ("val_loss", "val_acc", "tokens_per_s", "peak_mem_bytes", "pairs_share")
         if m in agg.columns.get_level_values(0)
     ]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
@@ -145,33 +153,36 @@ def plot_sweep(runs: pd.DataFrame, out_dir: str | Path) -> list[Path]:
     axes[0][0].legend(fontsize=8)
     fig.suptitle("mean ± 95% CI over seeds")
     fig.tight_layout()
-    written.append(out_dir / "metrics_vs_seq_len.png")
-    fig.savefig(written[-1], dpi=110)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
+    return path
 
-    k = load_k_vs_difficulty(runs)
-    if not k.empty:
-        layers = sorted(c for c in k.columns if c.startswith("k_layer"))
-        fig, axes = plt.subplots(1, len(layers) + 1, figsize=(3.6 * (len(layers) + 1), 3.2), squeeze=False)
-        for ax, layer in zip(axes[0], layers):
-            for model, frame in k.groupby("model"):
-                values = frame[layer].dropna()  # runs that did not record this layer
-                if len(values):
-                    ax.hist(values, bins=30, alpha=0.6, label=model)
-            ax.set_title(f"k per sequence, {layer.removeprefix('k_')}")
-        ax = axes[0][-1]
+
+def plot_k(k: pd.DataFrame, path: Path) -> Path:
+    """Histograms of each sequence's k per layer, and mean k against difficulty, per model."""
+    import matplotlib.pyplot as plt
+
+    layers = sorted(c for c in k.columns if c.startswith("k_layer"))
+    fig, axes = plt.subplots(1, len(layers) + 1, figsize=(3.6 * (len(layers) + 1), 3.2), squeeze=False)
+    for ax, layer in zip(axes[0], layers):
         for model, frame in k.groupby("model"):
-            means = frame.groupby("n_pairs")["k"].mean()
-            ax.plot(means.index, means.values, marker=".", label=model)
-        ax.set_xlabel("MQAR key-value pairs (difficulty)")
-        ax.set_ylabel("mean k")
-        ax.set_title("k vs difficulty")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        written.append(out_dir / "k_histograms_and_difficulty.png")
-        fig.savefig(written[-1], dpi=110)
-        plt.close(fig)
-    return written
+            values = frame[layer].dropna()  # runs that did not record this layer
+            if len(values):
+                ax.hist(values, bins=30, alpha=0.6, label=model)
+        ax.set_title(f"k per sequence, {layer.removeprefix('k_')}")
+    ax = axes[0][-1]
+    for (model, task), frame in k.groupby(["model", "task"]):
+        means = frame.groupby("difficulty")["k"].mean()
+        ax.plot(means.index, means.values, marker=".", label=f"{model} {task}")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("difficulty (recall: pairs; counting: alphabet)")
+    ax.set_ylabel("mean k")
+    ax.set_title("k vs difficulty")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def analyse(sweep_dir: str | Path, out_dir: str | Path | None = None, plots: bool = True) -> pd.DataFrame:

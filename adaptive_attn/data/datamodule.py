@@ -8,7 +8,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from adaptive_attn.data import text
-from adaptive_attn.data.mqar import MQARDataset
+from adaptive_attn.data.counting import check_counting, make_counting
+from adaptive_attn.data.mqar import make_mqar, resolve_pairs
+from adaptive_attn.data.synthetic import TaskDataset, content_range, make_mixture
+
+SYNTHETIC_TASKS = ("recall", "counting", "recall_count")
 
 
 class ResumableRandomSampler(Sampler[int]):
@@ -41,8 +45,6 @@ class LMDataModule(L.LightningDataModule):
 
     def __init__(self, seq_len: int, vocab_size: int, batch_size: int = 16, num_workers: int = 0):
         super().__init__()
-        if batch_size < 1:
-            raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
         self.seq_len, self.vocab_size = seq_len, vocab_size
         self.batch_size, self.num_workers = batch_size, num_workers
         self.splits: dict[str, Dataset] = {}
@@ -86,30 +88,60 @@ class LMDataModule(L.LightningDataModule):
         return self._loader("test")
 
 
-class MQARDataModule(LMDataModule):
+def check_synthetic(task: str, seq_len: int, vocab_size: int, min_pairs, max_pairs, alphabets, count_cap) -> None:
+    """The synthetic tasks' rules, before any work: ValueError naming the key."""
+    if task not in SYNTHETIC_TASKS:
+        raise ValueError(f"data.task={task!r} is invalid: choose one of {', '.join(SYNTHETIC_TASKS)}")
+    lo, hi = content_range(vocab_size)
+    if task != "counting":
+        if hi - lo < seq_len:  # as Zoology: keys, values and fillers drawn from more tokens than positions
+            raise ValueError(f"data.vocab_size={vocab_size} is invalid: must be >= seq_len + {lo + vocab_size - hi}")
+        resolve_pairs(seq_len, min_pairs, max_pairs)
+    if task != "recall":
+        check_counting(list(alphabets), count_cap, vocab_size)
+
+
+class SyntheticDataModule(LMDataModule):
+    """`task`: `recall` (MQAR, Zoology's generator), `counting`, or `recall_count` (each sequence either,
+    with `recall_fraction`). Training draws a fresh sample at every index of a stream seeded by
+    (data_seed, the run's seed), `train_steps` batches long; validation and test are fixed sets of
+    `num_val` samples seeded by data_seed alone, the same for every run."""
+
     def __init__(
         self,
         seq_len: int,
-        vocab_size: int = 256,
-        num_train: int = 20000,
-        num_val: int = 512,
+        vocab_size: int = 8192,
+        task: str = "recall",
         min_pairs: int | None = None,
         max_pairs: int | None = None,
+        power_a: float = 0.01,
+        alphabets: list[int] = (2, 4, 8, 16, 32),
+        count_cap: int = 15,
+        recall_fraction: float = 0.5,
+        train_steps: int = 1000,
+        num_val: int = 512,
         data_seed: int = 1234,
         **kwargs,
     ):
         super().__init__(seq_len, vocab_size, **kwargs)
-        self.max_pairs = max_pairs or max(1, min(seq_len // 4, vocab_size // 2))
-        self.min_pairs = min_pairs or max(1, self.max_pairs // 8)
-        self.num_train, self.num_val, self.data_seed = num_train, num_val, data_seed
+        check_synthetic(task, seq_len, vocab_size, min_pairs, max_pairs, alphabets, count_cap)
+        self.task, self.train_steps, self.num_val, self.data_seed = task, train_steps, num_val, data_seed
+        recall = counting = None
+        if task != "counting":
+            recall = make_mqar(seq_len, vocab_size, *resolve_pairs(seq_len, min_pairs, max_pairs), power_a)
+        if task != "recall":
+            counting = make_counting(seq_len, vocab_size, list(alphabets), count_cap)
+        self.make_sample = (
+            make_mixture(recall, counting, recall_fraction) if task == "recall_count" else recall or counting
+        )
 
     def build(self) -> dict[str, Dataset]:
-        def make(n: int, offset: int) -> MQARDataset:
-            return MQARDataset(
-                n, self.seq_len, self.vocab_size, self.min_pairs, self.max_pairs, self.data_seed + offset
-            )
-
-        return {"train": make(self.num_train, 0), "val": make(self.num_val, 1), "test": make(self.num_val, 2)}
+        stream = self.batch_size * self.train_steps
+        return {
+            "train": TaskDataset(self.make_sample, stream, (self.data_seed, torch.initial_seed()), split=0),
+            "val": TaskDataset(self.make_sample, self.num_val, (self.data_seed,), split=1),
+            "test": TaskDataset(self.make_sample, self.num_val, (self.data_seed,), split=2),
+        }
 
 
 class TextDataModule(LMDataModule):

@@ -1,50 +1,70 @@
-"""Multi-query associative recall (MQAR) with a per-sequence difficulty.
+"""Multi-query associative recall (MQAR), generated as Zoology does (HazyResearch/zoology,
+`zoology/data/multiquery_ar.py`), with a per-sequence difficulty.
 
-A sequence first lists `n_pairs` key-value pairs (`k1 v1 k2 v2 ...`), then asks for keys again
-(`k v` query pairs, keys drawn from the listed ones). The answers are the values that follow query
-keys; only they are scored. Each sequence draws its own `n_pairs` (log-uniform in
-[min_pairs, max_pairs]), which is its difficulty and is returned with the sample.
+A sequence lists `n` key-value pairs (`k1 v1 ... kn vn`) after its task token, then asks for every key
+once: each query key sits at a gap after the context drawn from a power law (p(gap) ~ gap^(a - 1),
+a = 0.01 by default: most queries close to the context, some far), and its target is its value.
+Every other position holds a random content token (also the one after a query: the value is never
+shown there). Each sequence draws its own `n`
+(log-uniform in [min_pairs, max_pairs]): its difficulty. The vocabulary should be larger than the
+sequence (Zoology: 8192), so keys rarely repeat among the fillers.
 
-Keys are tokens [0, vocab_size / 2), values [vocab_size / 2, vocab_size).
+A query needs one earlier position: its key's value in the context (where an induction head finds the
+key, as the token before it).
 """
 
 import numpy as np
-import torch
-from torch.utils.data import Dataset
+
+from adaptive_attn.data.synthetic import RECALL_BOS, content_range, log_uniform
 
 
-class MQARDataset(Dataset):
-    """Item: tokens [seq_len + 1] (int64), target_mask [seq_len] (bool, aligned with tokens[1:]), n_pairs."""
+def resolve_pairs(seq_len: int, min_pairs: int | None, max_pairs: int | None) -> tuple[int, int]:
+    """The pair range of a sequence length: defaults (max: seq_len // 4; min: an eighth of max) and the
+    rule 1 <= min_pairs <= max_pairs <= seq_len // 4 (the queries need as many slots after the context);
+    ValueError naming the key."""
+    hi = seq_len // 4
+    if hi < 1:
+        raise ValueError(f"seq_len={seq_len} is invalid for MQAR: must be >= 4")
+    max_pairs = hi if max_pairs is None else max_pairs
+    if not (isinstance(max_pairs, int) and 1 <= max_pairs <= hi):
+        raise ValueError(f"data.max_pairs={max_pairs!r} is invalid: must be an integer in [1, seq_len // 4 = {hi}]")
+    min_pairs = max(1, max_pairs // 8) if min_pairs is None else min_pairs
+    if not (isinstance(min_pairs, int) and 1 <= min_pairs <= max_pairs):
+        raise ValueError(
+            f"data.min_pairs={min_pairs!r} is invalid: must be an integer in [1, data.max_pairs={max_pairs}]"
+        )
+    return min_pairs, max_pairs
 
-    def __init__(self, num_samples: int, seq_len: int, vocab_size: int, min_pairs: int, max_pairs: int, seed: int):
-        if not 1 <= min_pairs <= max_pairs <= seq_len // 4:
-            raise ValueError(
-                f"data.min_pairs/max_pairs must satisfy 1 <= min_pairs <= max_pairs <= seq_len // 4 = {seq_len // 4}, "
-                f"got {min_pairs}/{max_pairs}"
-            )
-        if max_pairs > vocab_size // 2:
-            raise ValueError(f"data.max_pairs ({max_pairs}) must be <= vocab_size // 2 = {vocab_size // 2}")
-        self.num_samples, self.seq_len, self.vocab_size = num_samples, seq_len, vocab_size
-        self.min_pairs, self.max_pairs, self.seed = min_pairs, max_pairs, seed
 
-    def __len__(self) -> int:
-        return self.num_samples
+def mqar_sample(rng: np.random.Generator, seq_len: int, vocab_size: int, n_pairs: int, power_a: float = 0.01) -> dict:
+    """One MQAR sequence with `n_pairs` key-value pairs (see the module doc) -> the synthetic sample format."""
+    lo, hi = content_range(vocab_size)
+    half = (lo + hi) // 2
+    keys = rng.choice(np.arange(lo, half), size=n_pairs, replace=False)
+    values = rng.choice(np.arange(half, hi), size=n_pairs, replace=False)
+    tokens = rng.integers(lo, hi, size=seq_len + 1)
+    tokens[0] = RECALL_BOS
+    tokens[1 : 1 + 2 * n_pairs : 2], tokens[2 : 2 + 2 * n_pairs : 2] = keys, values
+    start = 1 + 2 * n_pairs  # the first position after the context
+    slots = (seq_len - start + 1) // 2  # (query, value) slots that fit before the end
+    p = np.arange(1, slots + 1, dtype=np.float64) ** (power_a - 1)
+    gaps = rng.choice(slots, size=n_pairs, replace=False, p=p / p.sum())
+    queries = start + 2 * gaps
+    tokens[queries] = keys
+    targets = tokens[1:].copy()
+    targets[queries] = values
+    target_mask = np.zeros(seq_len, dtype=bool)
+    target_mask[queries] = True
+    need_id = np.zeros(seq_len, dtype=np.int64)
+    need_id[queries] = need_id[2 + 2 * np.arange(n_pairs)] = np.arange(1, n_pairs + 1)
+    return {"tokens": tokens, "targets": targets, "target_mask": target_mask, "need_id": need_id}
 
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        rng = np.random.default_rng((self.seed, i))
-        n_keys = self.vocab_size // 2
-        n = int(round(np.exp(rng.uniform(np.log(self.min_pairs), np.log(self.max_pairs)))))
-        keys = rng.choice(n_keys, size=n, replace=False)
-        values = rng.integers(n_keys, self.vocab_size, size=n)
-        n_queries = (self.seq_len + 1 - 2 * n) // 2
-        asked = rng.integers(0, n, size=n_queries)
-        context = np.stack([keys, values], 1).ravel()
-        queries = np.stack([keys[asked], values[asked]], 1).ravel()
-        tokens = np.concatenate([context, queries, keys[:1]])[: self.seq_len + 1]
-        target_mask = np.zeros(self.seq_len, dtype=bool)
-        target_mask[2 * n : 2 * n + 2 * n_queries : 2] = True  # query key positions predict their value
-        return {
-            "tokens": torch.from_numpy(tokens.astype(np.int64)),
-            "target_mask": torch.from_numpy(target_mask),
-            "n_pairs": torch.tensor(n),
-        }
+
+def make_mqar(seq_len: int, vocab_size: int, min_pairs: int, max_pairs: int, power_a: float = 0.01):
+    """-> rng -> a sample with a log-uniform number of pairs (its difficulty)."""
+
+    def sample(rng: np.random.Generator) -> dict:
+        n = log_uniform(rng, min_pairs, max_pairs)
+        return {**mqar_sample(rng, seq_len, vocab_size, n, power_a), "task": 0, "difficulty": n}
+
+    return sample

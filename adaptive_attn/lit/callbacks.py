@@ -10,6 +10,8 @@ import lightning as L
 import pandas as pd
 import torch
 
+from adaptive_attn.data.synthetic import TASKS
+
 
 def peak_memory_bytes(device: torch.device) -> int:
     """CUDA max allocated on GPU; the process's peak resident set size on CPU (since the process
@@ -76,14 +78,19 @@ class SpeedMonitor(L.Callback):
         self.tokens, self.seconds, self.steps = state["tokens"], state["seconds"], state["steps"]
 
 
-def layer_scalars(pl_module) -> dict[str, dict[int, float]]:
-    """{stat name: {layer: value}} for every scalar statistic the DSA layers recorded last."""
+def layer_scalars(sparsity: list[dict] | None) -> dict[str, dict[int, float]]:
+    """{stat name: {layer: value}} for every scalar statistic of a step's DSA layers (aux["sparsity"])."""
     stats: dict[str, dict[int, float]] = defaultdict(dict)
-    for i, dsa in enumerate(pl_module.model.sparse_layers()):
-        for name, value in dsa.last_stats.items():
+    for i, layer in enumerate(sparsity or []):
+        for name, value in layer.items():
             if torch.is_tensor(value) and value.numel() == 1:
                 stats[name][i] = float(value)
     return stats
+
+
+def step_sparsity(outputs) -> list[dict]:
+    """The DSA layers' statistics a training, validation or test step returned (none for dense models)."""
+    return (outputs.get("sparsity") if isinstance(outputs, dict) else None) or []
 
 
 def with_layer_means(prefix: str, stats: dict[str, dict[int, float]]) -> dict[str, float]:
@@ -95,66 +102,56 @@ def with_layer_means(prefix: str, stats: dict[str, dict[int, float]]) -> dict[st
 
 
 class SparsityStats(L.Callback):
-    """Per-layer DSA statistics every `log_every_n_steps` training steps (realised keep ratio, mean
-    k / L, k mean/std/min/max, indexer KL, budget multiplier or top-p, controller factors) and, over the
-    validation set, attention-mass recall (share of the dense attention mass inside the selection)
-    against a random selection of the same size."""
+    """Logs the statistics the DSA layers return with each step: every `log_every_n_steps` training steps
+    (pairs share, equivalent keep, k mean/std/min/max, indexer KL, budget multiplier or top-p, controller
+    factors, W&B histograms of k), means over the validation set (with attention-mass recall against a
+    random selection of the same size), and on the test set each sequence's k against its difficulty."""
 
-    def __init__(self, log_every_n_steps: int = 10, recall_on_validation: bool = True):
-        self.log_every, self.recall_on_validation = log_every_n_steps, recall_on_validation
+    def __init__(self, log_every_n_steps: int = 10):
+        self.log_every = log_every_n_steps
         self._val: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
         self._difficulty: list[dict[str, float]] = []
         self.last: dict[str, float] = {}
         self.k_vs_difficulty: pd.DataFrame | None = None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if trainer.global_step % self.log_every:
+        sparsity = step_sparsity(outputs)
+        if trainer.global_step % self.log_every or not sparsity:
             return
-        metrics = with_layer_means("sparse", layer_scalars(pl_module))
-        for i, dsa in enumerate(pl_module.model.sparse_layers()):
-            k = dsa.last_stats.get("k_per_sequence")
+        metrics = with_layer_means("sparse", layer_scalars(sparsity))
+        for i, layer in enumerate(sparsity):
+            k = layer.get("k_per_sequence")
             if k is not None and k.numel() > 1:
-                metrics.update(
-                    {
-                        f"sparse/k_std/layer{i}": float(k.std()),
-                        f"sparse/k_min/layer{i}": float(k.min()),
-                        f"sparse/k_max/layer{i}": float(k.max()),
-                    }
-                )
-        if metrics:
-            pl_module.log_dict(metrics)
-            self.last.update(metrics)
-            self.log_k_histograms(trainer, pl_module)
+                metrics.update({f"sparse/k_{f}/layer{i}": float(getattr(k, f)()) for f in ("std", "min", "max")})
+        pl_module.log_dict(metrics)
+        self.last.update(metrics)
+        self.log_k_histograms(trainer, sparsity)
 
     @staticmethod
-    def log_k_histograms(trainer, pl_module) -> None:
-        """W&B histograms of each layer's per-query k (only when a W&B logger is attached)."""
+    def log_k_histograms(trainer, sparsity: list[dict]) -> None:
+        """W&B histograms of each layer's k (only when a W&B logger is attached)."""
         for lg in trainer.loggers:
             if type(lg).__name__ != "WandbLogger":
                 continue
             import wandb
 
             hists = {
-                f"sparse/k_hist/layer{i}": wandb.Histogram(dsa.last_stats["k_values"].cpu().numpy())
-                for i, dsa in enumerate(pl_module.model.sparse_layers())
-                if "k_values" in dsa.last_stats
+                f"sparse/k_hist/layer{i}": wandb.Histogram(layer["k_values"].cpu().numpy())
+                for i, layer in enumerate(sparsity)
+                if "k_values" in layer
             }
             if hists:
                 lg.experiment.log(hists, step=trainer.global_step)
 
     def on_validation_epoch_start(self, trainer, pl_module):
         self._val.clear()
-        for dsa in pl_module.model.sparse_layers():
-            dsa.track_recall = self.recall_on_validation
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
-        for name, per_layer in layer_scalars(pl_module).items():
+        for name, per_layer in layer_scalars(step_sparsity(outputs)).items():
             for i, v in per_layer.items():
                 self._val[name][i].append(v)
 
     def on_validation_epoch_end(self, trainer, pl_module):
-        for dsa in pl_module.model.sparse_layers():
-            dsa.track_recall = False
         if not self._val or trainer.sanity_checking:
             return
         means = {name: {i: sum(v) / len(v) for i, v in per_layer.items()} for name, per_layer in self._val.items()}
@@ -166,24 +163,23 @@ class SparsityStats(L.Callback):
         self._difficulty.clear()
 
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
-        """MQAR: pair each sequence's k (mean over its queries and the layers) with its difficulty."""
-        ks = [
-            dsa.last_stats["k_per_sequence"]
-            for dsa in pl_module.model.sparse_layers()
-            if "k_per_sequence" in dsa.last_stats
-        ]
-        if "n_pairs" in batch and ks:
+        """Synthetic tasks: pair each sequence's k (mean over its rows and the layers) with its task and
+        difficulty."""
+        ks = [layer["k_per_sequence"] for layer in step_sparsity(outputs) if "k_per_sequence" in layer]
+        if "difficulty" in batch and ks:
             per_layer = torch.stack(ks, dim=1)  # [B, layers]
-            for n, k in zip(batch["n_pairs"].tolist(), per_layer.tolist()):
-                self._difficulty.append(
-                    {"n_pairs": n, "k": sum(k) / len(k), **{f"k_layer{i}": v for i, v in enumerate(k)}}
-                )
+            for task, d, k in zip(batch["task"].tolist(), batch["difficulty"].tolist(), per_layer.tolist()):
+                row = {"task": TASKS[task], "difficulty": d, "k": sum(k) / len(k)}
+                self._difficulty.append({**row, **{f"k_layer{i}": v for i, v in enumerate(k)}})
 
     def on_test_epoch_end(self, trainer, pl_module):
+        """Spearman correlation of k with difficulty, per task (recall: pairs; counting: alphabet size,
+        where a smaller alphabet needs more keys)."""
         if not self._difficulty:
             return
         self.k_vs_difficulty = pd.DataFrame(self._difficulty)
-        rho = self.k_vs_difficulty["n_pairs"].corr(self.k_vs_difficulty["k"], method="spearman")
-        if rho == rho:  # undefined (NaN) when k does not vary, as for fixed budgets
-            self.last["test_sparse/k_difficulty_spearman"] = float(rho)
-            pl_module.log("test_sparse/k_difficulty_spearman", float(rho))
+        for task, frame in self.k_vs_difficulty.groupby("task"):
+            rho = frame["difficulty"].corr(frame["k"], method="spearman")
+            if rho == rho:  # undefined (NaN) when k does not vary, as for fixed budgets
+                self.last[f"test_sparse/k_difficulty_spearman/{task}"] = float(rho)
+                pl_module.log(f"test_sparse/k_difficulty_spearman/{task}", float(rho))

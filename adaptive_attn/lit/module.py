@@ -8,16 +8,19 @@ import torch.nn.functional as F
 import torchmetrics
 from torch import nn
 
+from adaptive_attn.lit.metrics import EvalSlices
+
 IGNORE = -100
 
 
 def split_batch(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """tokens [B, L + 1] -> inputs [B, L], targets [B, L]; the only place labels are shifted.
 
-    Targets outside `target_mask` (MQAR: everything but the answers) are set to IGNORE.
+    Synthetic tasks bring their own `targets` (aligned with the inputs: counting labels positions with
+    counts); targets outside `target_mask` (recall: everything but the answers) are set to IGNORE.
     """
     tokens = batch["tokens"]
-    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    inputs, targets = tokens[:, :-1], batch.get("targets", tokens[:, 1:])
     if "target_mask" in batch:
         targets = targets.masked_fill(~batch["target_mask"], IGNORE)
     return inputs, targets
@@ -29,7 +32,7 @@ class SparseLMModule(L.LightningModule):
         model: nn.Module,
         lr: float = 3e-3,
         min_lr_ratio: float = 0.1,
-        warmup_steps: int = 50,
+        lr_warmup_steps: int = 50,
         weight_decay: float = 0.1,
         betas: tuple[float, float] = (0.9, 0.95),
         indexer_kl_weight: float = 1.0,
@@ -37,43 +40,57 @@ class SparseLMModule(L.LightningModule):
         super().__init__()
         self.save_hyperparameters(ignore=["model"])
         self.model = model
+        self._step_sparsity: list[dict] | None = None  # the DSA layers' statistics of the current step
         self.val_loss = torchmetrics.MeanMetric()
         self.val_acc = torchmetrics.MeanMetric()
+        self.slices = EvalSlices()
 
     def forward(self, tokens: torch.Tensor):
         return self.model(tokens)
 
-    def lm_loss(self, batch) -> tuple[torch.Tensor, dict, torch.Tensor, torch.Tensor]:
+    def lm_loss(
+        self, batch, reduction: str = "mean"
+    ) -> tuple[torch.Tensor, dict, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """-> (loss, aux, logits [N, V] and targets [N] at the N scored positions, scored [B, L]); the head
+        runs at the scored positions only (synthetic tasks score a few)."""
         inputs, targets = split_batch(batch)
-        logits, aux = self.model(inputs)
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE)
-        return loss, aux, logits, targets
+        scored = targets != IGNORE
+        logits, aux = self.model(inputs, where=scored)
+        loss = F.cross_entropy(logits.float(), targets[scored], reduction=reduction)
+        return loss, aux, logits, targets[scored], scored
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         self.model.set_training_step(self.global_step)
 
-    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        lm, aux, _, _ = self.lm_loss(batch)
+    def training_step(self, batch, batch_idx: int) -> dict:
+        """-> the loss, and each DSA layer's statistics of the step ("sparsity", for callbacks)"""
+        lm, aux, *_ = self.lm_loss(batch)
         loss = lm + aux["balance_loss"]
         if "indexer_kl" in aux:
             loss = loss + self.hparams.indexer_kl_weight * aux["indexer_kl"]
             self.log("train/indexer_kl", aux["indexer_kl"])
         self.log("train/loss", lm, prog_bar=True)
         self.log("train/balance_loss", aux["balance_loss"])
-        return loss
+        self._step_sparsity = aux.get("sparsity")
+        return {"loss": loss, "sparsity": self._step_sparsity}
 
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)
         # non-gradient updates (router biases, budget multipliers) belong to the step, so they happen
         # before callbacks such as ModelCheckpoint see it
-        self.model.after_training_step()
+        self.model.after_training_step(self._step_sparsity)
 
-    def _eval_step(self, batch) -> None:
-        loss, _, logits, targets = self.lm_loss(batch)
-        scored = targets != IGNORE
-        n = scored.sum()
-        self.val_loss.update(loss, weight=n)
-        self.val_acc.update((logits.argmax(-1) == targets)[scored].float().mean(), weight=n)
+    def _eval_step(self, batch) -> dict:
+        losses, aux, logits, targets, scored = self.lm_loss(batch, reduction="none")
+        correct = (logits.argmax(-1) == targets).float()
+        self.val_loss.update(losses.mean(), weight=len(losses))
+        self.val_acc.update(correct.mean(), weight=len(losses))
+        self.slices.update(batch, losses, correct, scored)
+        sparsity = aux.get("sparsity") or []
+        selections = [layer.pop("selected") for layer in sparsity if "selected" in layer]
+        if "need_id" in batch and selections:
+            self.slices.update_needed_recall(batch, selections, scored)
+        return {"sparsity": sparsity}
 
     def _eval_epoch_end(self, prefix: str) -> None:
         loss = self.val_loss.compute()
@@ -81,17 +98,19 @@ class SparseLMModule(L.LightningModule):
             {f"{prefix}/loss": loss, f"{prefix}/ppl": torch.exp(loss), f"{prefix}/acc": self.val_acc.compute()},
             prog_bar=prefix == "val",
         )
+        self.log_dict({f"{prefix}_slices/{name}": value for name, value in self.slices.compute().items()})
         self.val_loss.reset()
         self.val_acc.reset()
+        self.slices.reset()
 
-    def validation_step(self, batch, batch_idx: int) -> None:
-        self._eval_step(batch)
+    def validation_step(self, batch, batch_idx: int) -> dict:
+        return self._eval_step(batch)
 
     def on_validation_epoch_end(self) -> None:
         self._eval_epoch_end("val")
 
-    def test_step(self, batch, batch_idx: int) -> None:
-        self._eval_step(batch)
+    def test_step(self, batch, batch_idx: int) -> dict:
+        return self._eval_step(batch)
 
     def on_test_epoch_end(self) -> None:
         self._eval_epoch_end("test")
@@ -106,7 +125,7 @@ class SparseLMModule(L.LightningModule):
         ]
         optimizer = torch.optim.AdamW(groups, lr=self.hparams.lr, betas=tuple(self.hparams.betas))
         total = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup, floor = self.hparams.warmup_steps, self.hparams.min_lr_ratio
+        warmup, floor = self.hparams.lr_warmup_steps, self.hparams.min_lr_ratio
 
         def schedule(step: int) -> float:
             if step < warmup:

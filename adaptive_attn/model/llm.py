@@ -14,22 +14,24 @@ from torch import nn
 
 from adaptive_attn.model.mla import MultiHeadLatentAttention
 from adaptive_attn.model.moe import DeepSeekMoE
-from adaptive_attn.model.norm import RMSNorm
-from adaptive_attn.model.rope import RotaryEmbedding
+from adaptive_attn.nn.conv import ShortConv
+from adaptive_attn.nn.norm import RMSNorm
+from adaptive_attn.nn.rope import RotaryEmbedding
 from adaptive_attn.sparse.budget import FixedBudget
 from adaptive_attn.sparse.dsa import DeepSeekSparseAttention
 from adaptive_attn.sparse.indexer import LightningIndexer
 
 
 class Block(nn.Module):
-    def __init__(self, d_model: int, attn: MultiHeadLatentAttention, moe: DeepSeekMoE):
+    def __init__(self, d_model: int, attn: MultiHeadLatentAttention, moe: DeepSeekMoE, short_conv: int = 0):
         super().__init__()
         self.attn_norm, self.attn = RMSNorm(d_model), attn
+        self.conv = ShortConv(d_model, short_conv) if short_conv else nn.Identity()
         self.moe_norm, self.moe = RMSNorm(d_model), moe
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """x: [B, L, D] -> [B, L, D], aux losses"""
-        a, aux = self.attn(self.attn_norm(x), cos, sin)
+        a, aux = self.attn(self.conv(self.attn_norm(x)), cos, sin)
         x = x + a
         m, balance = self.moe(self.moe_norm(x))
         return x + m, {**aux, "balance_loss": balance}
@@ -51,6 +53,7 @@ class MoELLM(nn.Module):
         moe: dict | None = None,
         sparse: dict | None = None,
         budget: Callable[[], nn.Module] | None = None,
+        short_conv: int = 0,
         init_std: float = 0.02,
     ):
         super().__init__()
@@ -72,6 +75,7 @@ class MoELLM(nn.Module):
                     dsa=self._build_dsa(d_model, sparse, budget) if budget is not None else None,
                 ),
                 DeepSeekMoE(d_model, **(moe or {})),
+                short_conv,
             )
             for _ in range(n_layers)
         )
@@ -90,20 +94,24 @@ class MoELLM(nn.Module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, std=self.init_std)
 
-    def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """tokens: [B, L] -> (logits [B, L, V], aux: summed balance loss, mean indexer KL)"""
+    def forward(self, tokens: torch.Tensor, where: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+        """tokens: [B, L] -> (logits [B, L, V], or [N, V] at the N positions `where` [B, L] marks, aux: summed
+        balance loss; with DSA layers also their mean indexer KL and "sparsity", each DSA layer's
+        statistics of this call)"""
         x = self.embed(tokens)
         cos, sin = self.rope(tokens.shape[1], x.dtype)
-        balance, kls = x.new_zeros(()), []
+        balance, kls, stats = x.new_zeros(()), [], []
         for block in self.blocks:
             x, aux = block(x, cos, sin)
             balance = balance + aux["balance_loss"]
             if "indexer_kl" in aux:
                 kls.append(aux["indexer_kl"])
+                stats.append(aux["stats"])
         aux = {"balance_loss": balance}
         if kls:
-            aux["indexer_kl"] = torch.stack(kls).mean()
-        return self.head(self.norm(x)), aux
+            aux.update(indexer_kl=torch.stack(kls).mean(), sparsity=stats)
+        x = self.norm(x)
+        return self.head(x if where is None else x[where]), aux
 
     def sparse_layers(self) -> Iterator[DeepSeekSparseAttention]:
         return (b.attn.dsa for b in self.blocks if b.attn.dsa is not None)
@@ -111,14 +119,15 @@ class MoELLM(nn.Module):
     def set_training_step(self, step: int) -> None:
         """Switch each DSA layer from dense warm-up to its sparse stage once `step` reaches its warm-up."""
         for dsa in self.sparse_layers():
-            dsa.sparse_active.fill_(step >= dsa.warmup_steps)
+            dsa.sparse_active.fill_(step >= dsa.dense_warmup_steps)
 
-    def after_training_step(self) -> None:
-        """Non-gradient updates after each optimiser step: MoE router biases and sparse budgets."""
+    def after_training_step(self, sparsity: list[dict] | None = None) -> None:
+        """Non-gradient updates after each optimiser step: MoE router biases, and each sparse budget from
+        the compute its layer realised in the step (`sparsity`: the step's aux["sparsity"])."""
         for block in self.blocks:
             block.moe.update_router_bias()
-        for dsa in self.sparse_layers():
-            dsa.after_step()
+        for dsa, stats in zip(self.sparse_layers(), sparsity or []):
+            dsa.update_budget(stats)
 
 
 class DenseMoELLM(MoELLM):
@@ -129,15 +138,18 @@ class DenseMoELLM(MoELLM):
 
 
 class FixedSparseMoELLM(MoELLM):
-    """DSA with one k = ceil(keep * L) per sequence (keep 0.25 / 0.5 / 0.75 = fixed25 / 50 / 75)."""
+    """DSA with one k = ceil(keep * L) per sequence (keep 0.1 / 0.25 / 0.5 / 0.75 = fixed10 / 25 / 50 / 75),
+    or an absolute `k` tokens at every length."""
 
-    def __init__(self, vocab_size: int, keep: float = 0.25, sparse: dict | None = None, **kwargs):
-        super().__init__(vocab_size, sparse=sparse, budget=partial(FixedBudget, keep), **kwargs)
+    def __init__(self, vocab_size: int, keep: float | None = 0.25, k: int | None = None, sparse=None, **kwargs):
+        budget = partial(FixedBudget, None if k is not None else keep, k)
+        super().__init__(vocab_size, sparse=sparse, budget=budget, **kwargs)
 
 
 class AdaptiveMoELLM(MoELLM):
     """DSA whose k adapts within each sequence: `budget` builds one policy per layer (a `_partial_` config of
-    `DynamicSparsityController` or `AdaptiveTopP`), held at a mean keep target for equal compute."""
+    `DynamicSparsityController`, `AdaptiveTopP`, or a control: `OracleTopP`, `ShuffledController`), held at
+    the compute of a fixed keep (its target)."""
 
     def __init__(self, vocab_size: int, budget: Callable[[], nn.Module], sparse: dict | None = None, **kwargs):
         super().__init__(vocab_size, sparse=sparse, budget=budget, **kwargs)

@@ -7,16 +7,17 @@ W_UV [H, d_v, d_c] expand the latent.
 Two equivalent ways to attend:
 - *expanded*: materialise per-head K/V and call causal SDPA (the dense model's path);
 - *absorbed* ("MQA mode", DeepSeek-V3.2): fold W_UK into the query, so every head scores the same
-  latent rows `[c_kv ; k_rope]` ([B, L, d_c + d_r]); the weighted sum stays in latent space and W_UV
-  is applied afterwards. Sparse attention gathers each query's selected rows once for all heads.
+  latents `[c_kv ; k_rope]` ([B, L, d_c + d_r], one row per token); the weighted sum stays in latent
+  space and W_UV is applied afterwards. Sparse attention gathers each query's selected latent rows once
+  for all heads.
 """
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adaptive_attn.model.norm import RMSNorm
-from adaptive_attn.model.rope import apply_rope
+from adaptive_attn.nn.norm import RMSNorm
+from adaptive_attn.nn.rope import apply_rope
 
 
 class MultiHeadLatentAttention(nn.Module):
@@ -70,7 +71,7 @@ class MultiHeadLatentAttention(nn.Module):
         return o[..., : self.v_head_dim]
 
     def absorb(self, q_nope, q_rope, c_kv, k_rope) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> query in latent space [B, H, L, d_c + d_r], shared key/value rows [B, L, d_c + d_r]
+        """-> query in latent space [B, H, L, d_c + d_r], latents shared by all heads [B, L, d_c + d_r]
 
         The query is stored [B, L, H, ·] (returned transposed): block-sparse attention then hands each
         query block's rows of all heads to one SDPA call without a copy."""
@@ -78,9 +79,9 @@ class MultiHeadLatentAttention(nn.Module):
         q_abs = torch.cat([q_latent, q_rope.transpose(1, 2)], dim=-1).transpose(1, 2)
         return q_abs, torch.cat([c_kv, k_rope], dim=-1)
 
-    def absorbed_attention(self, q_abs: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """Dense causal MQA over the shared latent rows -> latent output [B, H, L, d_c]"""
-        kv = rows.unsqueeze(1)
+    def absorbed_attention(self, q_abs: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+        """Dense causal MQA over the shared latents -> latent output [B, H, L, d_c]"""
+        kv = latents.unsqueeze(1)
         o = F.scaled_dot_product_attention(q_abs, kv, kv, is_causal=True, scale=self.scale, enable_gqa=True)
         return o[..., : self.kv_rank]
 
@@ -89,15 +90,15 @@ class MultiHeadLatentAttention(nn.Module):
         return torch.einsum("bhlc,hvc->bhlv", o_latent, self.w_uv)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        """x: [B, L, D] -> (y [B, L, D], aux: indexer loss and sparsity statistics)"""
+        """x: [B, L, D] -> (y [B, L, D], aux: the DSA layer's indexer loss and statistics, if sparse)"""
         B, L, _ = x.shape
         q_nope, q_rope, c_kv, k_rope = self.project(x, cos, sin)
         aux: dict = {}
         if self.dsa is None:
             o = self.expanded_attention(q_nope, q_rope, c_kv, k_rope)
         else:
-            q_abs, rows = self.absorb(q_nope, q_rope, c_kv, k_rope)
-            o_latent, aux = self.dsa(x, q_abs, rows, scale=self.scale, v_dim=self.kv_rank)
+            q_abs, latents = self.absorb(q_nope, q_rope, c_kv, k_rope)
+            o_latent, aux = self.dsa(x, q_abs, latents, scale=self.scale, v_dim=self.kv_rank)
             if o_latent is None:  # dense warm-up stage: the indexer trains, attention stays dense
                 o = self.expanded_attention(q_nope, q_rope, c_kv, k_rope)
             else:

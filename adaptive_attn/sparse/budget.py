@@ -1,13 +1,12 @@
-"""Budget policies: how many keys (`k`, in tokens) each query may attend.
+"""Budget policies: how many columns (`k`) each row of a `SparseLayout` may select.
 
-A policy is called as `budget(x, scores, positions=..., n_eligible=..., block_size=..., diagonal_tokens=...)`
-with the (detached) hidden states `[B, L, D]`, the indexer scores `[B, R, S]` (one row per query, or per
-query block), each row's deciding query position and number of eligible columns `[R]`, the tokens per
-score column and the tokens every row attends anyway (a query block's diagonal). It returns `k` in
-tokens: an int, or a tensor `[B, R]`.
-`target` is the keep whose compute it spends: after each training step `after_step(keep)` (the fixed
-keep that would have attended as many query-key pairs) lets it adjust to it. `stats()` names what the
-SparsityStats callback logs. The adaptive controller lives in `controller.py`.
+A policy is called as `budget(x, scores, layout)` with the detached hidden states `[B, L, D]` and the
+indexer scores `[B, R, C]`, and returns k in the layout's columns (tokens, or key blocks besides the
+diagonal ones): a number, or a tensor `[B, R]` (float, differentiable where the policy learns).
+`target_keep(layout)` is the keep whose compute it spends: after each training step
+`update(realised_keep)` (the fixed keep that would have attended as many query-key pairs) lets it
+adjust to it. `stats()` names what it reports. The adaptive controller lives in `controller.py`, the
+oracle and shuffled controls in `controls.py`.
 """
 
 import math
@@ -15,24 +14,51 @@ import math
 import torch
 from torch import nn
 
+from adaptive_attn.ops.layout import SparseLayout
+
+
+def check_keep(keep, k=None) -> None:
+    """A fixed budget is a keep in (0, 1] or an absolute k >= 1 tokens, not both; ValueError naming the key."""
+    if (keep is None) == (k is None):
+        raise ValueError(f"model.keep={keep!r} and model.k={k!r} are invalid: give exactly one of them")
+    if keep is not None and not (isinstance(keep, (int, float)) and 0 < keep <= 1):
+        raise ValueError(f"model.keep={keep!r} is invalid: must be in (0, 1]")
+    if k is not None and not (isinstance(k, int) and k >= 1):
+        raise ValueError(f"model.k={k!r} is invalid: must be an integer >= 1 (tokens)")
+
+
+def check_target(target, lo: float = 0.0, hi: float = 1.0) -> None:
+    if not (isinstance(target, (int, float)) and lo < target < hi):
+        raise ValueError(f"model.budget.target={target!r} is invalid: must be in ({lo}, {hi})")
+
+
+def fixed_k(keep: float, layout: SparseLayout) -> float:
+    """The fixed budget's k: ceil(keep * L) tokens, in the layout's columns. Every budget whose target is
+    `keep` spends the compute of this k."""
+    return layout.columns_for_tokens(max(1, math.ceil(keep * layout.seq_len)))
+
+
+def fixed_pairs(keep: float, layout: SparseLayout) -> torch.Tensor:
+    """Causal (query, key) pairs a fixed budget `keep` attends per sequence."""
+    return layout.attended_pairs(layout.n_eligible.clamp(max=layout.hard_columns(fixed_k(keep, layout))))
+
 
 class FixedBudget(nn.Module):
-    """One k = ceil(keep * L) for every query of every sequence, as in DSA."""
+    """One k for every query of every sequence, as in DSA: ceil(keep * L) tokens, or an absolute k tokens
+    (the same at every length)."""
 
-    def __init__(self, keep: float):
+    def __init__(self, keep: float | None = None, k: int | None = None):
         super().__init__()
-        if not 0 < keep <= 1:
-            raise ValueError(f"model.keep must be in (0, 1], got {keep}")
-        self.keep = keep
+        check_keep(keep, k)
+        self.keep, self.k = keep, k
 
-    @property
-    def target(self) -> float:
-        return self.keep
+    def target_keep(self, layout: SparseLayout) -> float:
+        return self.keep if self.k is None else min(1.0, self.k / layout.seq_len)
 
-    def forward(self, x: torch.Tensor, scores: torch.Tensor, **_) -> int:
-        return max(1, math.ceil(self.keep * x.shape[1]))
+    def forward(self, x: torch.Tensor, scores: torch.Tensor, layout: SparseLayout) -> float:
+        return fixed_k(self.target_keep(layout), layout)
 
-    def after_step(self, realised_keep: float) -> None:
+    def update(self, realised_keep: float) -> None:
         pass
 
     def stats(self) -> dict[str, torch.Tensor]:
@@ -40,27 +66,28 @@ class FixedBudget(nn.Module):
 
 
 class AdaptiveTopP(nn.Module):
-    """Per query, the smallest set of positions holding probability mass `p` of the indexer's softmax
+    """Per row, the smallest set of columns holding probability mass `p` of the indexer's softmax
     (Twilight-style). `p` follows the budget by dual ascent: lowered while the selection spends more
     than a fixed keep = `target` would, raised while less."""
 
     def __init__(self, target: float = 0.25, p_init: float = 0.5, lr: float = 0.5):
         super().__init__()
-        if not 0 < target < 1:
-            raise ValueError(f"model.budget.target must be in (0, 1), got {target}")
+        check_target(target)
         self.target, self.lr = target, lr
         self.register_buffer("p", torch.tensor(p_init))
 
+    def target_keep(self, layout: SparseLayout) -> float:
+        return self.target
+
     @torch.no_grad()
-    def forward(self, x, scores, *, block_size: int = 1, diagonal_tokens: int = 0, **_) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, scores: torch.Tensor, layout: SparseLayout) -> torch.Tensor:
         probs = scores.float().softmax(-1).nan_to_num(0.0)  # rows without eligible columns -> all zero
         sorted_probs = probs.sort(-1, descending=True).values
         before = sorted_probs.cumsum(-1) - sorted_probs  # mass of the higher-ranked columns
-        count = ((before < self.p) & (sorted_probs > 0)).sum(-1)  # [B, R]
-        return count * block_size + diagonal_tokens
+        return ((before < self.p) & (sorted_probs > 0)).sum(-1)  # [B, R]
 
     @torch.no_grad()
-    def after_step(self, realised_keep: float) -> None:
+    def update(self, realised_keep: float) -> None:
         self.p.add_(-self.lr * (realised_keep - self.target)).clamp_(1e-3, 1.0)
 
     def stats(self) -> dict[str, torch.Tensor]:

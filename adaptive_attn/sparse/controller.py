@@ -28,6 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from adaptive_attn.ops.layout import SparseLayout
+from adaptive_attn.sparse.budget import check_target
+
 
 def prefix_sums_at(positions: torch.Tensor, *series: torch.Tensor) -> list[torch.Tensor]:
     """Sums over positions <= p of each series [B, L, ...] at each of the ascending `positions` [P]
@@ -81,8 +84,7 @@ class AdaptiveKCalculator(nn.Module):
 
     def __init__(self, n_features: int, target: float, lo: float = 0.02, hi: float = 1.0, dual_lr: float = 0.5):
         super().__init__()
-        if not lo < target < hi:
-            raise ValueError(f"model.budget.target must be in ({lo}, {hi}), got {target}")
+        check_target(target, lo, hi)
         self.lo, self.hi, self.target, self.dual_lr = lo, hi, target, dual_lr
         # prior: more complex / more uncertain content gets more keys; the LM loss refines it
         self.weight = nn.Parameter(torch.ones(n_features))
@@ -100,6 +102,11 @@ class AdaptiveKCalculator(nn.Module):
         self.multiplier += self.dual_lr * (realised_keep - self.target)
 
 
+def check_query_stride(query_stride) -> None:
+    if not (isinstance(query_stride, int) and query_stride >= 1):
+        raise ValueError(f"model.budget.query_stride={query_stride!r} is invalid: must be an integer >= 1")
+
+
 class DynamicSparsityController(nn.Module):
     """Budget policy `adaptive`: k (tokens) per group of `query_stride` positions, from length, content
     complexity and entropy at the group's first query."""
@@ -114,38 +121,34 @@ class DynamicSparsityController(nn.Module):
         query_stride: int = 16,
     ):
         super().__init__()
-        if query_stride < 1:
-            raise ValueError(f"model.budget.query_stride must be >= 1, got {query_stride}")
+        check_query_stride(query_stride)
         self.complexity = ContentComplexityAnalyzer()
         self.entropy = AttentionEntropyEstimator()
         self.calculator = AdaptiveKCalculator(ContentComplexityAnalyzer.n_features + 2, target, lo, hi, dual_lr)
         self.reference_len, self.query_stride = reference_len, query_stride
         self.factors: dict[str, torch.Tensor] = {}  # batch means of the last call's features, for logging
 
-    def forward(
-        self, x: torch.Tensor, scores: torch.Tensor, positions: torch.Tensor, n_eligible=None, **_
-    ) -> torch.Tensor:
-        """x [B, L, D], indexer scores [B, R, S], positions [R] (each row's deciding query, ascending)
-        -> k [B, R] (float tokens, differentiable in the calculator's parameters)."""
+    def forward(self, x: torch.Tensor, scores: torch.Tensor, layout: SparseLayout) -> torch.Tensor:
+        """x [B, L, D], indexer scores [B, R, C] -> k [B, R] in the layout's columns (float,
+        differentiable in the calculator's parameters)."""
         L = x.shape[1]
-        group = positions // self.query_stride
+        group = layout.row_positions // self.query_stride
         first = torch.ones_like(group, dtype=torch.bool)
         first[1:] = group[1:] != group[:-1]
         deciding = first.nonzero().squeeze(1)  # the first row of each group decides for it
-        content = self.complexity(x, positions[deciding])
-        eligible = n_eligible[deciding] if n_eligible is not None else None
-        entropy = self.entropy(scores.detach()[:, deciding], eligible)
+        content = self.complexity(x, layout.row_positions[deciding])
+        entropy = self.entropy(scores.detach()[:, deciding], layout.n_eligible[deciding])
         length = torch.full_like(entropy, math.log(L) / math.log(self.reference_len))
         features = torch.cat([content, entropy[..., None], length[..., None]], dim=-1)
         means = features.mean((0, 1))  # features carry no gradient: x and the scores are detached
         self.factors = dict(zip(("diversity", "predictability", "variance", "entropy", "length"), means))
-        return self.calculator(features)[:, first.cumsum(0) - 1] * L  # each row gets its group's keep
+        keep = self.calculator(features)[:, first.cumsum(0) - 1]  # each row gets its group's keep
+        return layout.columns_for_tokens(keep * L)
 
-    @property
-    def target(self) -> float:
+    def target_keep(self, layout: SparseLayout) -> float:
         return self.calculator.target
 
-    def after_step(self, realised_keep: float) -> None:
+    def update(self, realised_keep: float) -> None:
         """After each training step: dual ascent on the budget constraint with the batch's keep."""
         self.calculator.dual_step(realised_keep)
 

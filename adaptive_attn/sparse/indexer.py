@@ -4,20 +4,30 @@
 
 `q[t, j]` (H_I heads of dim d_I) and the head weights `w[t, j]` are projections of the query token's
 hidden state; one key `k[s]` per token (LayerNorm'd, RoPE on its first `rope_dim` dims) is shared by
-all indexer heads. Only `s <= t` is ever eligible; future scores are -inf.
+all indexer heads. Only `s <= t` is ever eligible; future scores are -inf. In block mode a query
+block's one row is scored by its first query against the mean-pooled keys of whole blocks.
 """
 
 import torch
 from torch import nn
 
-from adaptive_attn.model.rope import RotaryEmbedding, apply_rope
+from adaptive_attn.nn.rope import RotaryEmbedding, apply_rope
+from adaptive_attn.ops.layout import SparseLayout
+
+
+def check_rope_dim(rope_dim: int, head_dim: int) -> None:
+    """The indexer's RoPE rule; ValueError naming the key."""
+    if not (isinstance(rope_dim, int) and 2 <= rope_dim <= head_dim and rope_dim % 2 == 0):
+        raise ValueError(
+            f"model.sparse.indexer.rope_dim={rope_dim!r} is invalid: must be an even integer in "
+            f"[2, model.sparse.indexer.head_dim={head_dim}]"
+        )
 
 
 class LightningIndexer(nn.Module):
     def __init__(self, d_model: int, n_heads: int = 4, head_dim: int = 32, rope_dim: int = 16, chunk_size: int = 256):
         super().__init__()
-        if not 0 < rope_dim <= head_dim:
-            raise ValueError(f"indexer rope_dim must be in (0, head_dim={head_dim}], got {rope_dim}")
+        check_rope_dim(rope_dim, head_dim)
         self.n_heads, self.head_dim, self.rope_dim, self.chunk_size = n_heads, head_dim, rope_dim, chunk_size
         self.q_proj = nn.Linear(d_model, n_heads * head_dim, bias=False)
         self.w_proj = nn.Linear(d_model, n_heads, bias=False)
@@ -51,35 +61,27 @@ class LightningIndexer(nn.Module):
         dots = torch.bmm(q.reshape(B, T * H, d), k.transpose(1, 2)).view(B, T, H, -1).relu_()
         return torch.bmm(w.reshape(B * T, 1, H), dots.view(B * T, H, -1)).view(B, T, -1)
 
-    def token_scores(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [B, L, D] -> I [B, L, L], -inf where s > t. Computed in query chunks to bound memory."""
-        q, w, k = self.project(x)
-        L = x.shape[1]
-        scores = torch.cat(
-            [
-                self.score(q[:, c : c + self.chunk_size], w[:, c : c + self.chunk_size], k)
-                for c in range(0, L, self.chunk_size)
-            ],
-            dim=1,
-        )
-        future = torch.ones(L, L, dtype=torch.bool, device=x.device).triu(1)
-        return scores.masked_fill(future, float("-inf"))
+    def forward(self, x: torch.Tensor, layout: SparseLayout) -> torch.Tensor:
+        """x: [B, L, D] -> scores I [B, R, C] over the layout's rows and columns, -inf where ineligible."""
+        scores = self.token_scores(x) if layout.token_level else self.block_scores(x, layout)
+        return scores.masked_fill(~layout.eligible, float("-inf"))
 
-    def block_scores(self, x: torch.Tensor, block_size: int, query_block: int) -> torch.Tensor:
+    def token_scores(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [B, L, D] -> I [B, L, L], computed in query chunks to bound memory."""
+        q, w, k = self.project(x)
+        chunks = range(0, x.shape[1], self.chunk_size)
+        return torch.cat(
+            [self.score(q[:, c : c + self.chunk_size], w[:, c : c + self.chunk_size], k) for c in chunks], 1
+        )
+
+    def block_scores(self, x: torch.Tensor, layout: SparseLayout) -> torch.Tensor:
         """Scores of key blocks for each query block -> [B, nQB, nKB].
 
-        A query block's one selection is scored by its *first* query against mean-pooled keys of the
-        blocks that lie wholly before it, so it depends on no position inside or after the block
+        A query block's one selection is scored by its *first* query against mean-pooled keys, and only
+        blocks wholly before it are eligible, so it depends on no position inside or after the block
         (a score averaged over the block's queries would leak later tokens into earlier logits).
-        Blocks at or after the query block are -inf; the op always attends the diagonal blocks.
         """
-        B, L, _ = x.shape
-        n_qb = -(-L // query_block)
-        n_kb = n_qb * (query_block // block_size)
-        first = torch.arange(n_qb, device=x.device) * query_block
-        q, w, k = self.project(x, first)
-        k = torch.nn.functional.pad(k, (0, 0, 0, n_kb * block_size - L))
-        k_pooled = k.view(B, n_kb, block_size, -1).mean(2)
-        scores = self.score(q, w, k_pooled)
-        past = torch.arange(n_kb, device=x.device)[None, :] < (first // block_size)[:, None]
-        return scores.masked_fill(~past, float("-inf"))
+        B = x.shape[0]
+        q, w, k = self.project(x, layout.row_positions)
+        k_pooled = layout.pad(k, 1).view(B, layout.n_columns, layout.block_size, -1).mean(2)
+        return self.score(q, w, k_pooled)

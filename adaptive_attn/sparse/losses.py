@@ -10,7 +10,7 @@ summed over that block's queries. Everything runs in query chunks to bound memor
 
 import torch
 
-from adaptive_attn.ops.sparse_attention import block_layout, gather_blocks, query_blocks, selection_mask
+from adaptive_attn.ops.layout import SparseLayout
 
 
 def _wide(x: torch.Tensor) -> torch.Tensor:
@@ -19,7 +19,7 @@ def _wide(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
-def _kl(target: torch.Tensor, index_scores: torch.Tensor) -> torch.Tensor:
+def _kl(target: torch.Tensor, index_scores: torch.Tensor) -> tuple[torch.Tensor, int]:
     """Row-wise KL(target || softmax(scores)) over the rows that have support -> (sum, rows)."""
     target, index_scores = _wide(target), _wide(index_scores)
     support = target > 0
@@ -35,70 +35,65 @@ def _normalise(mass: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def causal_attention_probs(q: torch.Tensor, kv: torch.Tensor, scale: float, c0: int, c1: int) -> torch.Tensor:
+def causal_attention_probs(q: torch.Tensor, latents: torch.Tensor, scale: float, c0: int, c1: int) -> torch.Tensor:
     """Dense causal attention of queries [c0, c1), head-averaged: -> [B, C, S]"""
-    scores = torch.einsum("bhcd,bsd->bhcs", q[:, :, c0:c1], kv) * scale
-    future = torch.arange(kv.shape[1], device=q.device)[None, :] > torch.arange(c0, c1, device=q.device)[:, None]
+    return attention_probs_at(q, latents, scale, torch.arange(c0, c1, device=q.device))
+
+
+@torch.no_grad()
+def attention_probs_at(q: torch.Tensor, latents: torch.Tensor, scale: float, positions: torch.Tensor) -> torch.Tensor:
+    """Dense causal attention of the queries at `positions` [C], head-averaged: -> [B, C, S]"""
+    scores = torch.einsum("bhcd,bsd->bhcs", q[:, :, positions], latents) * scale
+    future = torch.arange(latents.shape[1], device=q.device)[None, :] > positions[:, None]
     return scores.masked_fill(future, float("-inf")).softmax(-1).mean(1)
 
 
-def token_kl_dense(q, kv, scores, *, scale, chunk_size=128) -> torch.Tensor:
-    """Warm-up KL over full causal rows. scores: indexer I [B, L, L] (-inf in the future)."""
-    total, rows = scores.new_zeros(()), 0
-    for c0 in range(0, q.shape[2], chunk_size):
-        c1 = min(c0 + chunk_size, q.shape[2])
-        s, n = _kl(causal_attention_probs(q, kv, scale, c0, c1), scores[:, c0:c1])
-        total, rows = total + s, rows + n
-    return total / max(rows, 1)
-
-
-def token_kl_selected(slot_probs: torch.Tensor, scores: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-    """Sparse-stage KL over each query's selected tokens.
-
-    slot_probs [B, L, K]: the main attention's head-averaged probabilities of the selected slots (from
-    the attention op); scores: indexer I [B, L, L]; indices [B, L, K].
-    """
-    s, n = _kl(_normalise(slot_probs), scores.gather(-1, indices.clamp(min=0)))
-    return s / max(n, 1)
-
-
-def block_kl_dense(q, kv, scores, *, scale, block_size, query_block, chunk_size=128) -> torch.Tensor:
-    """Warm-up KL over all key blocks before each query block. scores [B, nQB, nKB]."""
+def kl_dense(q, latents, scores, layout: SparseLayout, *, scale, chunk_size=128) -> torch.Tensor:
+    """Warm-up KL over each row's eligible columns. scores: indexer I [B, R, C] (-inf where ineligible)."""
     B, _, L, _ = q.shape
-    n_qb, m, Lp = block_layout(L, block_size, query_block)
-    mass = _wide(scores.new_zeros(B, n_qb, n_qb * m))
+    if layout.token_level:
+        total, rows = scores.new_zeros(()), 0
+        for c0 in range(0, L, chunk_size):
+            c1 = min(c0 + chunk_size, L)
+            s, n = _kl(causal_attention_probs(q, latents, scale, c0, c1), scores[:, c0:c1])
+            total, rows = total + s, rows + n
+        return total / max(rows, 1)
+    mass = _wide(scores.new_zeros(B, layout.n_rows, layout.n_columns))
     for c0 in range(0, L, chunk_size):
         c1 = min(c0 + chunk_size, L)
-        probs = torch.nn.functional.pad(causal_attention_probs(q, kv, scale, c0, c1), (0, Lp - L))
-        per_block = probs.view(B, c1 - c0, -1, block_size).sum(-1)  # [B, C, nKB]
-        qb = torch.arange(c0, c1, device=q.device) // query_block
-        mass.index_add_(1, qb, per_block.to(mass.dtype))
-    past = torch.arange(n_qb * m, device=q.device)[None, :] < (torch.arange(n_qb, device=q.device) * m)[:, None]
-    s, n = _kl(_normalise(mass * past), scores)
+        probs = layout.pad(causal_attention_probs(q, latents, scale, c0, c1), 2)
+        per_block = probs.view(B, c1 - c0, layout.n_columns, layout.block_size).sum(-1)  # [B, C, nKB]
+        mass.index_add_(1, torch.arange(c0, c1, device=q.device) // layout.query_block, per_block.to(mass.dtype))
+    s, n = _kl(_normalise(mass * layout.eligible), scores)
     return s / max(n, 1)
 
 
-def block_kl_selected(q, kv, scores, indices, *, scale, block_size, query_block, chunk_size=16) -> torch.Tensor:
-    """Sparse-stage KL over each query block's selected past blocks. indices [B, nQB, K]."""
+def kl_selected(q, latents, scores, indices, slot_probs, layout: SparseLayout, *, scale) -> torch.Tensor:
+    """Sparse-stage KL over each row's selected columns. indices [B, R, K]; slot_probs [B, L, K]: the
+    main attention's head-averaged probabilities of the selected tokens (token mode, from the op)."""
+    if layout.token_level:
+        s, n = _kl(_normalise(slot_probs), scores.gather(-1, indices.clamp(min=0)))
+        return s / max(n, 1)
+    return _block_kl_selected(q, latents, scores, indices, layout, scale=scale)
+
+
+def _block_kl_selected(q, latents, scores, indices, layout: SparseLayout, *, scale, chunk_size=16) -> torch.Tensor:
+    """Block mode: the target is recomputed over each query block's gathered blocks."""
     B, H, L, D = q.shape
-    n_qb, _, Lp = block_layout(L, block_size, query_block)
     K = indices.shape[-1]
     if K == 0:
         return scores.new_zeros(())
-    q = torch.nn.functional.pad(q, (0, 0, 0, Lp - L))
-    kv = torch.nn.functional.pad(kv, (0, 0, 0, Lp - L))
+    q, latents = layout.pad(q, 2), layout.pad(latents, 1)
     total, rows = scores.new_zeros(()), 0
-    real = (torch.arange(Lp, device=q.device) < L).view(n_qb, query_block)
-    for qb0 in range(0, n_qb, chunk_size):
-        qb1 = min(qb0 + chunk_size, n_qb)
+    real = (torch.arange(layout.padded_len, device=q.device) < L).view(layout.n_rows, layout.query_block)
+    for qb0 in range(0, layout.n_rows, chunk_size):
+        qb1 = min(qb0 + chunk_size, layout.n_rows)
         with torch.no_grad():
-            keys, mask = gather_blocks(kv, indices, block_size=block_size, query_block=query_block, qb0=qb0, qb1=qb1)
-            queries = query_blocks(q, query_block)[:, qb0:qb1]  # [B, C, Q, H, D]
-            logits = torch.einsum("bcqhd,bcsd->bcqhs", queries, keys) * scale
-            logits = logits.masked_fill(~mask[:, :, :, None], float("-inf"))
-            probs = logits.softmax(-1).mean(3).flatten(0, 1)  # [B*C, Q, S]
-            probs = probs * real[qb0:qb1].repeat(B, 1)[..., None]
-            mass = probs.sum(1).view(B, qb1 - qb0, -1, block_size).sum(-1)[..., :K]
+            keys, mask = layout.gather_key_blocks(latents, indices, qb0, qb1)
+            logits = torch.einsum("bcqhd,bcsd->bcqhs", layout.query_blocks(q)[:, qb0:qb1], keys) * scale
+            probs = logits.masked_fill(~mask[:, :, :, None], float("-inf")).softmax(-1).mean(3).flatten(0, 1)
+            probs = probs * real[qb0:qb1].repeat(B, 1)[..., None]  # [B*C, Q, S]
+            mass = probs.sum(1).view(B, qb1 - qb0, -1, layout.block_size).sum(-1)[..., :K]
             target = _normalise(mass * (indices[:, qb0:qb1] >= 0))
         s, n = _kl(target, scores[:, qb0:qb1].gather(-1, indices[:, qb0:qb1].clamp(min=0)))
         total, rows = total + s, rows + n
@@ -106,12 +101,12 @@ def block_kl_selected(q, kv, scores, indices, *, scale, block_size, query_block,
 
 
 @torch.no_grad()
-def attention_mass_recall(q, kv, indices, *, scale, block_size=1, query_block=1, chunk_size=128) -> torch.Tensor:
-    """Share of the dense attention mass that falls inside the selected set, averaged over queries."""
+def attention_mass_recall(q, latents, mask: torch.Tensor, *, scale, chunk_size=128) -> torch.Tensor:
+    """Share of the dense attention mass that falls inside the attended positions mask [B, L, L], averaged
+    over queries."""
     L = q.shape[2]
-    mask = selection_mask(indices, L, block_size, query_block)
     recall = []
     for c0 in range(0, L, chunk_size):
         c1 = min(c0 + chunk_size, L)
-        recall.append((causal_attention_probs(q, kv, scale, c0, c1) * mask[:, c0:c1]).sum(-1))
+        recall.append((causal_attention_probs(q, latents, scale, c0, c1) * mask[:, c0:c1]).sum(-1))
     return torch.cat(recall, dim=1).mean()

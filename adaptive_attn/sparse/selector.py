@@ -3,6 +3,8 @@
 import torch
 from torch import nn
 
+from adaptive_attn.ops.layout import SparseLayout
+
 
 def order_keys(scores: torch.Tensor) -> torch.Tensor:
     """scores [..., S] -> int64 keys [..., S], all distinct within a row, ordered by (score, position).
@@ -21,33 +23,37 @@ def order_keys(scores: torch.Tensor) -> torch.Tensor:
 
 
 class TopKTokenSelector(nn.Module):
-    """Per query row, the `k` highest-scoring eligible positions; never an ineligible (future) one.
+    """Per row, the `k` highest-scoring eligible columns of a `SparseLayout`; never an ineligible (future) one.
 
-    Row `r` may choose among positions `[0, n_eligible[r])`. For tokens that prefix is `t + 1` and the
-    query's own position is always kept (`include_last`); for key blocks it is the blocks wholly before
-    the query block. With fewer than `k` eligible positions a row gets all of them and the unused slots
-    are -1. `k` is a scalar, per sequence `[B]` or per row `[B, R]`. Valid slots come first, best first.
-    A row's selection and its slot order depend on that row's scores and k alone (see `order_keys`).
+    Row `r` may choose among columns `[0, n_eligible[r])`. In token mode the query's own position is
+    always kept; in block mode the row attends its diagonal blocks anyway. The columns holding the first
+    `sink_tokens` positions are always kept where eligible (attention sinks, as StreamingLLM's); like the
+    own position, they take slots of k, so they count in the compute as any selected key. With fewer than `k`
+    eligible columns a row gets all of them and the unused slots are -1. `k` (whole columns) is a
+    scalar, per sequence `[B]` or per row `[B, R]`. Valid slots come first, best first. A row's
+    selection and its slot order depend on that row's scores and k alone (see `order_keys`).
     """
 
-    def forward(
-        self, scores: torch.Tensor, k: int | torch.Tensor, n_eligible: torch.Tensor, include_last: bool = True
-    ) -> torch.Tensor:
-        """scores [B, R, S], n_eligible [R] -> indices [B, R, K] (int64, -1 = unused), K = max k used"""
-        B, R, S = scores.shape
+    def __init__(self, sink_tokens: int = 0):
+        super().__init__()
+        self.sink_tokens = sink_tokens
+
+    def forward(self, scores: torch.Tensor, k: int | torch.Tensor, layout: SparseLayout) -> torch.Tensor:
+        """scores [B, R, C] -> indices [B, R, K] (int64, -1 = unused), K = the largest k used"""
+        B, R, _ = scores.shape
+        n_eligible = layout.n_eligible
         k = torch.as_tensor(k, device=scores.device)
-        if k.dim() == 1:
-            k = k[:, None]
-        k_eff = torch.minimum(k.expand(B, R), n_eligible[None, :].to(k.dtype))  # [B, R]
+        k_eff = torch.minimum(k.reshape(-1, 1) if k.dim() == 1 else k, n_eligible).expand(B, R)  # [B, R]
         K = int(k_eff.max()) if k_eff.numel() else 0
         if K == 0:
             return torch.full((B, R, 0), -1, dtype=torch.long, device=scores.device)
-        pos = torch.arange(S, device=scores.device)
-        eligible = pos[None, :] < n_eligible[:, None]  # [R, S]
-        masked = scores.detach().masked_fill(~eligible, float("-inf"))
-        if include_last:
-            last = pos[None, :] == (n_eligible[:, None] - 1)
-            masked = masked.masked_fill(last, float("inf"))
+        masked = scores.detach().masked_fill(~layout.eligible, float("-inf"))
+        if self.sink_tokens:  # ties among kept columns go by position: the own one first, then the sinks
+            sinks = torch.arange(layout.n_columns, device=scores.device) < -(-self.sink_tokens // layout.block_size)
+            masked = masked.masked_fill(sinks & layout.eligible, float("inf"))
+        if layout.token_level:
+            own = torch.arange(R, device=scores.device)
+            masked[:, own, own] = float("inf")
         indices = torch.topk(order_keys(masked), K, dim=-1, sorted=True).values & 0xFFFFFFFF
         slot = torch.arange(K, device=scores.device)
         valid = (slot[None, None, :] < k_eff[..., None]) & (indices < n_eligible[None, :, None])

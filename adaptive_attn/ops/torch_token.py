@@ -1,0 +1,59 @@
+"""The torch token backend: gathers only each query's selected latent rows, so compute follows k."""
+
+import torch
+import torch.nn.functional as F
+
+from adaptive_attn.ops.layout import SparseLayout
+
+SLOT_TILE = 16  # a query gathers its used slots rounded up to a multiple of this
+
+
+def width_chunks(widths: torch.Tensor, max_chunk: int, row_size: int) -> list[tuple[int, int, int]]:
+    """Ascending per-query widths [N] -> [(c0, c1, width)]: runs of equal width, cut so that a chunk's
+    gathered elements (queries x width x row_size) stay within `max_chunk`."""
+    chunks, c0 = [], 0
+    values, counts = torch.unique_consecutive(widths, return_counts=True)
+    for width, count in zip(values.tolist(), counts.tolist()):
+        step = max(16, max_chunk // (width * row_size))
+        chunks += [(c, min(c + step, c0 + count), width) for c in range(c0, c0 + count, step)]
+        c0 += count
+    return chunks
+
+
+def torch_token_attention(q, latents, indices, layout: SparseLayout, *, scale, v_dim, slot_bias=None, max_chunk=2**22):
+    """q [B, H, L, D], latents [B, L, D], indices [B, L, K] -> (out [B, H, L, v_dim], slot probs [B, L, K]).
+
+    Each query gathers its used slots rounded up to a multiple of 16 (its width), so its arithmetic,
+    and with it every bit of its output, depends on its own selection alone, never on how many slots
+    other queries use. Queries are processed in order of width, in chunks of one width: compute follows
+    each query's own k, not the batch maximum. A chunk takes as many queries as keep its gathered
+    elements within `max_chunk`: few, large calls (each call has a fixed cost, large on small CPUs),
+    yet gathers that stay in cache when k is large.
+    """
+    B, H, L, D = q.shape
+    K = indices.shape[-1]
+    pad = -K % SLOT_TILE
+    entries = F.pad(indices, (0, pad), value=-1)
+    entries = (entries + torch.arange(B, device=q.device)[:, None, None] * L).masked_fill(entries < 0, -1)
+    widths = ((indices >= 0).sum(-1).flatten().clamp(min=1) + SLOT_TILE - 1) // SLOT_TILE * SLOT_TILE  # [B*L]
+    order = widths.argsort(stable=True)
+    entries = entries.view(B * L, K + pad)[order]  # slot -1 reads entry 0 and is masked
+    q_sorted = q.transpose(1, 2).reshape(B * L, H, D).index_select(0, order)
+    # one bias per slot, shared by the heads ([N, 1, K]); zeros cost nothing extra inside baddbmm
+    bias = q.new_zeros(B * L, 1, K + pad)
+    if slot_bias is not None:
+        bias = F.pad(slot_bias.to(q.dtype), (0, pad)).reshape(B * L, 1, K + pad).index_select(0, order)
+    flat_latents = latents.reshape(B * L, -1)
+    slot_probs = q.new_zeros(B * L, K + pad)
+    chunks, spans = [], width_chunks(widths[order], max_chunk, D)
+    sizes = [c1 - c0 for c0, c1, _ in spans]  # split, not slices: a slice's backward writes a full-size gradient
+    for (c0, c1, n), q_chunk, bias_chunk in zip(spans, q_sorted.split(sizes), bias.split(sizes)):
+        idx = entries[c0:c1, :n]
+        keys = flat_latents.index_select(0, idx.clamp(min=0).flatten()).view(c1 - c0, n, -1)  # [C, n, D]
+        logits = torch.baddbmm(bias_chunk[..., :n], q_chunk, keys.transpose(1, 2), alpha=scale)  # [C, H, n]
+        probs = logits.masked_fill((idx < 0)[:, None], float("-inf")).softmax(-1)
+        slot_probs[order[c0:c1], :n] = probs.detach().mean(1).to(slot_probs.dtype)  # autocast: probs may be bf16
+        # values are the latents' first v_dim columns; slicing the output is cheaper than the rows' gradient
+        chunks.append(torch.einsum("chk,ckv->chv", probs, keys)[..., :v_dim])
+    out = torch.cat(chunks).index_select(0, torch.argsort(order))  # back to [B*L] order
+    return out.view(B, L, H, v_dim).transpose(1, 2), slot_probs[:, :K].view(B, L, K)

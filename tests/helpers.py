@@ -1,0 +1,83 @@
+"""Helpers shared by the tests: tiny models, random selections, backend comparisons, causality."""
+
+import torch
+
+from adaptive_attn.ops.dispatch import sparse_attention
+from adaptive_attn.ops.layout import SparseLayout
+from adaptive_attn.sparse.selector import TopKTokenSelector
+
+
+def tiny_model_kwargs(**overrides) -> dict:
+    kwargs = dict(
+        vocab_size=50,
+        d_model=32,
+        n_layers=2,
+        n_heads=4,
+        rope_dim=4,
+        kv_rank=16,
+        moe=dict(n_routed=4, n_shared=1, top_k=2, d_ff_expert=32),
+    )
+    kwargs.update(overrides)
+    return kwargs
+
+
+def random_selection(B, L, k, block_size=1, query_block=None, per_row=False, generator=None):
+    """Top-k of random scores -> (indices [B, R, K], layout). k in columns (tokens, or past key blocks);
+    `per_row` draws each row's k in [1, k]."""
+    layout = SparseLayout(L, block_size, query_block)
+    scores = torch.randn(B, layout.n_rows, layout.n_columns, generator=generator)
+    if per_row:
+        k = torch.randint(1, k + 1, (B, layout.n_rows), generator=generator)
+    return TopKTokenSelector()(scores, k, layout), layout
+
+
+def grads(fn, *tensors) -> list[torch.Tensor]:
+    """-> [fn(*tensors), d(weighted sum of it)/d each tensor], with fixed random weights."""
+    out = fn(*tensors)
+    weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(0), dtype=out.dtype).to(out.device)
+    return [out, *torch.autograd.grad((out * weight).sum(), tensors)]
+
+
+def attention_and_grads(backend, q, latents, indices, layout, slot_bias=None, v_dim=6, scale=0.3, **kwargs):
+    """-> {"out", "slot_probs", "dq", "dlatents", "dbias"} of one backend (or backend function)."""
+    inputs = [q, latents] + ([slot_bias] if slot_bias is not None else [])
+    fn = backend if callable(backend) else None
+    name = None if fn else backend
+
+    def attend(q, latents, bias=None):
+        if fn is not None:
+            return fn(q, latents, indices, layout, scale=scale, v_dim=v_dim, slot_bias=bias, **kwargs)
+        return sparse_attention(q, latents, indices, layout, scale=scale, v_dim=v_dim, backend=name, slot_bias=bias)
+
+    out, slot_probs = attend(*inputs)
+    weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(0), dtype=out.dtype).to(out.device)
+    differentials = torch.autograd.grad((out * weight).sum(), inputs)
+    return dict(zip(["out", "slot_probs", "dq", "dlatents", "dbias"], [out, slot_probs, *differentials]))
+
+
+def assert_backends_agree(reference: dict, other: dict, tol: float = 1e-9) -> None:
+    """Outputs, slot probabilities (where both return them) and gradients agree to `tol`, relative to the
+    largest reference value."""
+    for name, ref in reference.items():
+        got = other.get(name)
+        if ref is None or got is None:
+            continue
+        ref, got = ref.detach().double(), got.detach().double()
+        error = float((ref - got).abs().max() / ref.abs().max().clamp_min(1e-12))
+        assert error < tol, f"{name}: relative error {error:.2e}"
+
+
+def assert_causal(model, seq_len, vocab=50, batch=2, cuts=None, device="cpu") -> None:
+    """Changing tokens after position t must leave logits at <= t bit-identical (and change later ones),
+    in training and evaluation mode."""
+    tokens = torch.randint(0, vocab, (batch, seq_len), device=device)
+    for mode in (True, False):
+        model.train(mode)
+        with torch.no_grad():
+            base, _ = model(tokens)
+            for t in cuts or (0, seq_len // 3, seq_len // 2, seq_len - 2):
+                changed = tokens.clone()
+                changed[:, t + 1 :] = torch.randint(0, vocab, (batch, seq_len - t - 1), device=device)
+                out, _ = model(changed)
+                assert torch.equal(out[:, : t + 1], base[:, : t + 1]), f"position <= {t} saw the future (train={mode})"
+                assert not torch.equal(out[:, t + 1 :], base[:, t + 1 :])

@@ -1,0 +1,125 @@
+"""Every sparse attention backend against the dense masked reference, in float64: outputs and gradients."""
+
+import pytest
+import torch
+
+from adaptive_attn.ops.dispatch import resolve_backend, sparse_attention, triton_available
+from adaptive_attn.ops.torch_block import torch_block_attention
+from adaptive_attn.ops.torch_token import torch_token_attention
+from tests.helpers import assert_backends_agree, attention_and_grads, random_selection
+
+
+def float64_inputs(B, H, L, D, bias_shape=None):
+    q = torch.randn(B, H, L, D, dtype=torch.float64, requires_grad=True)
+    latents = torch.randn(B, L, D, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(bias_shape, dtype=torch.float64, requires_grad=True) if bias_shape else None
+    return q, latents, bias
+
+
+def assert_equals_reference(backend, q, latents, idx, layout, bias=None, **kwargs):
+    ref = attention_and_grads("reference", q, latents, idx, layout, bias)
+    got = attention_and_grads(backend, q, latents, idx, layout, bias, **kwargs)
+    assert_backends_agree(ref, got)
+
+
+@pytest.mark.parametrize(
+    "L,k,per_row", [(1, 1, False), (17, 5, False), (64, 16, True), (130, 200, False), (200, 40, True)]
+)
+def test_torch_token_backend_equals_reference(L, k, per_row):
+    idx, layout = random_selection(2, L, k, per_row=per_row)
+    q, latents, _ = float64_inputs(2, 3, L, 10)
+    assert_equals_reference("torch", q, latents, idx, layout)
+
+
+@pytest.mark.parametrize("max_chunk", [1, 3000, 2**22])
+def test_torch_token_attention_in_several_query_chunks_equals_reference(max_chunk):
+    idx, layout = random_selection(2, 90, 40, per_row=True)  # widths of 16, 32 and 48 slots
+    q, latents, bias = float64_inputs(2, 3, 90, 10, idx.shape)
+    assert_equals_reference(torch_token_attention, q, latents, idx, layout, bias, max_chunk=max_chunk)
+
+
+@pytest.mark.parametrize(
+    "L,block,qblock,kb",
+    [(64, 8, 8, 3), (100, 8, 16, 2), (33, 4, 12, 100), (256, 16, 32, 4), (300, 4, 8, 5), (70, 8, 16, 0)],
+)
+def test_torch_block_backend_equals_reference(L, block, qblock, kb):
+    idx, layout = random_selection(2, L, kb, block, qblock)
+    q, latents, _ = float64_inputs(2, 3, L, 10)
+    assert_equals_reference("torch", q, latents, idx, layout)
+
+
+def test_block_backend_with_per_sequence_budgets_equals_reference():
+    """Sequences whose budgets differ a lot go one by one, each with its own whole-past prefix."""
+    idx, layout = random_selection(3, 96, torch.tensor([1, 6, 3]), 8, 8)
+    q, latents, _ = float64_inputs(3, 2, 96, 8)
+    assert_equals_reference("torch", q, latents, idx, layout)
+
+
+@pytest.mark.parametrize("max_call", [1, 5000])
+def test_block_backend_split_into_several_sdpa_calls_equals_reference(max_call):
+    idx, layout = random_selection(2, 100, 3, 4, 8)
+    q, latents, _ = float64_inputs(2, 3, 100, 10)
+    assert_equals_reference(torch_block_attention, q, latents, idx, layout, max_call=max_call)
+
+
+@pytest.mark.parametrize("L,k", [(40, 12), (130, 50)])
+def test_biased_token_attention_equals_reference(L, k):
+    idx, layout = random_selection(3, L, k, per_row=True)
+    idx[1, :, 3:] = -1  # sequence 1 uses fewer slots: processed on its own
+    q, latents, bias = float64_inputs(3, 2, L, 8, idx.shape)
+    assert_equals_reference("torch", q, latents, idx, layout, bias)
+
+
+def test_biased_block_attention_equals_reference():
+    idx, layout = random_selection(3, 96, 4, 8, 16)
+    idx[2, :, 1:] = -1  # a sequence with a smaller k
+    q, latents, bias = float64_inputs(3, 2, 96, 8, idx.shape)
+    assert_equals_reference("torch", q, latents, idx, layout, bias)
+
+
+def test_full_selection_equals_dense_causal_attention():
+    idx, layout = random_selection(2, 50, 50)
+    q, latents, _ = float64_inputs(2, 3, 50, 8)
+    out, _ = sparse_attention(q, latents, idx, layout, scale=0.5, v_dim=8, backend="torch")
+    kv = latents[:, None]
+    dense = torch.nn.functional.scaled_dot_product_attention(q, kv, kv, is_causal=True, scale=0.5)
+    assert (out - dense).abs().max() < 1e-10
+
+
+def test_auto_backend_picks_the_fused_kernels_on_cuda_only():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert resolve_backend("auto", cpu, 64, 128) == "torch"
+    assert resolve_backend("auto", cuda, 64, 128) == "flex"
+    assert resolve_backend("auto", cuda, 8, 8) == "torch"  # smaller than FlexAttention's tile
+    assert resolve_backend("auto", cuda, 1) == ("triton" if triton_available() else "torch")
+    with pytest.raises(
+        ValueError, match="model.sparse.backend=flex does not fit model.sparse.block_size=8, query_block=16"
+    ):
+        resolve_backend("flex", cuda, 8, 16)
+    with pytest.raises(ValueError, match="triton is token-level"):
+        resolve_backend("triton", cpu, 64)
+
+
+@pytest.mark.parametrize("block,qblock", [(1, 1), (8, 8)])
+def test_float32_rank_bias_drives_bfloat16_attention(block, qblock):
+    idx, layout = random_selection(2, 40, 10 if block == 1 else 2, block, qblock, per_row=block == 1)
+    q = torch.randn(2, 3, 40, 8, dtype=torch.bfloat16, requires_grad=True)
+    latents = torch.randn(2, 40, 8, dtype=torch.bfloat16, requires_grad=True)
+    bias = torch.zeros(idx.shape, requires_grad=True)  # the controller's soft rank mask stays float32
+    out, _ = sparse_attention(q, latents, idx, layout, scale=0.3, v_dim=8, backend="torch", slot_bias=bias)
+    out.float().pow(2).sum().backward()
+    assert out.dtype == torch.bfloat16 and bias.grad.dtype == torch.float32 and bias.grad.abs().sum() > 0
+
+
+def test_flex_falls_back_to_torch_for_a_slot_bias_with_one_warning():
+    from adaptive_attn.ops.dispatch import _flex_unless_biased
+
+    calls = []
+    attend = _flex_unless_biased(lambda *a, **kw: calls.append("flex"))
+    idx, layout = random_selection(1, 32, 1, 16, 16)
+    q, latents, bias = float64_inputs(1, 2, 32, 8, idx.shape)
+    attend(q, latents, idx, layout, scale=0.3, v_dim=8)
+    with pytest.warns(UserWarning, match="torch backend"):
+        out, _ = attend(q, latents, idx, layout, scale=0.3, v_dim=8, slot_bias=bias)
+    ref, _ = sparse_attention(q, latents, idx, layout, scale=0.3, v_dim=8, backend="reference", slot_bias=bias)
+    assert calls == ["flex"] and (out - ref).abs().max() < 1e-9

@@ -1,0 +1,138 @@
+"""The DSA layer and its parts: layout geometry, indexer, the indexer's KL, stages, fixed budgets' compute."""
+
+import math
+
+import pytest
+import torch
+
+from adaptive_attn.model.llm import FixedSparseMoELLM
+from adaptive_attn.ops.layout import SparseLayout
+from adaptive_attn.sparse import losses
+from adaptive_attn.sparse.budget import fixed_k
+from adaptive_attn.sparse.indexer import LightningIndexer
+from tests.helpers import random_selection, tiny_model_kwargs
+
+SPARSE_MODES = {"token": {}, "block": {"block_size": 4, "query_block": 8}}
+
+
+def layer_stats(model, tokens) -> dict:
+    """The first DSA layer's statistics of one forward pass."""
+    _, aux = model(tokens)
+    return aux["sparsity"][0]
+
+
+@pytest.mark.parametrize("L,block,qblock,k", [(50, 1, 1, 7), (100, 4, 16, 3), (33, 4, 12, 100), (64, 8, 8, 0)])
+def test_attended_pairs_equal_a_count_of_the_selection_mask(L, block, qblock, k):
+    idx, layout = random_selection(3, L, k, block, qblock, per_row=k > 0)
+    mask = layout.selection_mask(idx)
+    assert torch.equal(layout.attended_pairs((idx >= 0).sum(-1)), mask.sum((1, 2)).double())
+    pos = torch.arange(L)
+    assert not (mask & (pos[None, :] > pos[:, None])).any()  # never a future key
+
+
+def test_layout_geometry_of_padded_blocks():
+    layout = SparseLayout(100, block_size=4, query_block=16)
+    assert (layout.n_rows, layout.n_columns, layout.padded_len, layout.diagonal_tokens) == (7, 28, 112, 16)
+    assert layout.row_positions.tolist() == [0, 16, 32, 48, 64, 80, 96]
+    assert layout.n_eligible.tolist() == [0, 4, 8, 12, 16, 20, 24]
+    assert layout.row_queries.tolist() == [16] * 6 + [4]
+    # k in tokens -> past blocks besides the diagonal: ceil((k - 16) / 4), within [0, all columns]
+    assert [layout.hard_columns(layout.columns_for_tokens(k)) for k in (1, 16, 17, 25, 1000)] == [0, 0, 1, 3, 28]
+    tokens = SparseLayout(10)
+    assert [tokens.hard_columns(k) for k in (0, 0.2, 3, 3.5, 99)] == [1, 1, 3, 4, 10]
+
+
+def test_block_scores_of_a_query_block_ignore_its_own_and_later_tokens():
+    indexer = LightningIndexer(16, n_heads=2, head_dim=8, rope_dim=4).double()
+    layout = SparseLayout(64, block_size=8, query_block=16)
+    x = torch.randn(1, 64, 16, dtype=torch.float64)
+    base = indexer(x, layout)
+    changed = x.clone()
+    changed[:, 33:] = torch.randn(1, 31, 16, dtype=torch.float64)  # inside query block 2 and later
+    after = indexer(changed, layout)
+    assert torch.equal(base[:, :3], after[:, :3])
+    assert torch.isinf(base[0, 1, 2:]).all() and torch.isfinite(base[0, 1, :2]).all()
+
+
+@pytest.mark.parametrize("mode", SPARSE_MODES)
+def test_lm_loss_trains_model_and_kl_trains_indexer(mode):
+    model = FixedSparseMoELLM(**tiny_model_kwargs(), keep=0.5, sparse={"dense_warmup_steps": 0, **SPARSE_MODES[mode]})
+    tokens = torch.randint(0, 50, (2, 48))
+    logits, aux = model(tokens)
+    lm = torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens.flatten())
+    params = dict(model.named_parameters())
+    lm_grads = torch.autograd.grad(lm, list(params.values()), retain_graph=True, allow_unused=True)
+    kl_grads = torch.autograd.grad(aux["indexer_kl"], list(params.values()), allow_unused=True)
+    for (name, _), g_lm, g_kl in zip(params.items(), lm_grads, kl_grads):
+        lm_norm = 0.0 if g_lm is None else float(g_lm.abs().sum())
+        kl_norm = 0.0 if g_kl is None else float(g_kl.abs().sum())
+        if ".indexer." in name:
+            assert lm_norm == 0.0, f"LM loss reached indexer parameter {name}"
+        else:
+            assert kl_norm == 0.0, f"indexer KL reached model parameter {name}"
+    assert any(".indexer." in n and g is not None and g.abs().sum() > 0 for n, g in zip(params, kl_grads))
+
+
+@pytest.mark.parametrize("mode", SPARSE_MODES)
+def test_warmup_stage_is_dense_then_sparse(mode):
+    model = FixedSparseMoELLM(**tiny_model_kwargs(), keep=0.25, sparse={"dense_warmup_steps": 5, **SPARSE_MODES[mode]})
+    tokens = torch.randint(0, 50, (2, 64))
+    model.set_training_step(4)
+    _, aux = model(tokens)
+    assert aux["sparsity"][0]["pairs_share"] == 1.0 and aux["indexer_kl"] > 0
+    model.set_training_step(5)
+    sparse_stats = layer_stats(model, tokens)
+    assert 0.3 < sparse_stats["pairs_share"] < 0.6 and sparse_stats["equivalent_keep"] == 0.25
+
+
+def test_fixed_budget_attends_min_k_t_plus_1_keys_per_query():
+    L, keep = 64, 0.25
+    model = FixedSparseMoELLM(**tiny_model_kwargs(), keep=keep, sparse={"dense_warmup_steps": 0})
+    stats = layer_stats(model, torch.randint(0, 50, (2, L)))
+    k = math.ceil(keep * L)
+    expected = sum(min(k, t + 1) for t in range(L)) / (L * (L + 1) / 2)
+    assert abs(float(stats["pairs_share"]) - expected) < 1e-12
+    assert float(stats["equivalent_keep"]) == keep and float(stats["k_mean"]) == k
+
+
+@pytest.mark.parametrize("keep", [0.1, 0.25, 0.5])
+def test_fixed_block_budget_attends_the_pairs_of_its_keep(keep):
+    model = FixedSparseMoELLM(
+        **tiny_model_kwargs(), keep=keep, sparse={"dense_warmup_steps": 0, **SPARSE_MODES["block"]}
+    )
+    stats = layer_stats(model, torch.randint(0, 50, (2, 45)))
+    layout = SparseLayout(45, 4, 8)
+    past_blocks = layout.hard_columns(fixed_k(keep, layout))
+    assert float(stats["k_mean"]) == past_blocks == max(0, math.ceil((math.ceil(keep * 45) - 8) / 4))
+    assert abs(float(stats["equivalent_keep"]) - keep) < 1e-12
+
+
+def test_block_kl_target_matches_a_dense_computation():
+    B, H, L, D, block, qblock = 2, 3, 300, 8, 4, 8
+    idx, layout = random_selection(B, L, 5, block, qblock)
+    q, latents = torch.randn(B, H, L, D, dtype=torch.float64), torch.randn(B, L, D, dtype=torch.float64)
+    scores = torch.randn(B, layout.n_rows, layout.n_columns, dtype=torch.float64)
+    got = losses.kl_selected(q, latents, scores, idx, None, layout, scale=0.4)
+
+    pos = torch.arange(L)
+    attended = torch.zeros(B, L, L, dtype=torch.bool)  # built here from the definition, not by the layout
+    for b in range(B):
+        for t in range(L):
+            blocks = [int(c) for c in idx[b, t // qblock] if c >= 0] + [t // block]
+            attended[b, t] = (pos <= t) & (
+                torch.isin(pos // block, torch.tensor(blocks)) | (pos // qblock == t // qblock)
+            )
+    logits = torch.einsum("bhld,bsd->bhls", q, latents) * 0.4
+    probs = logits.masked_fill(~attended[:, None], float("-inf")).softmax(-1).mean(1)
+    total, rows = 0.0, 0
+    for b in range(B):
+        for r in range(layout.n_rows):
+            chosen = idx[b, r][idx[b, r] >= 0]
+            if not len(chosen):
+                continue
+            queries = slice(r * qblock, min(L, (r + 1) * qblock))
+            mass = torch.stack([probs[b, queries, c * block : (c + 1) * block].sum() for c in chosen])
+            p = mass / mass.sum()
+            total += float((p * (p.log() - scores[b, r, chosen].log_softmax(-1))).sum())
+            rows += 1
+    assert abs(float(got) - total / rows) < 1e-9
