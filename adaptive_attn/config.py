@@ -1,12 +1,14 @@
 """Up-front config checks: a bad key or value stops the run with one line naming it and what is allowed."""
 
 import os
+import socket
 import sys
+import urllib.parse
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from adaptive_attn.data.datamodule import check_synthetic
+from adaptive_attn.data.datamodule import check_synthetic, check_tokenizer
 from adaptive_attn.ops.dispatch import check_backend
 from adaptive_attn.ops.layout import check_blocks
 from adaptive_attn.sparse.budget import check_keep, check_target
@@ -18,14 +20,30 @@ GROUPS = ("model", "data", "trainer", "logger", "callbacks", "experiment", "hydr
 MAX_SEQ_LEN = 65536
 
 
+def wandb_reachable(timeout: float = 3.0) -> bool:
+    """Whether W&B's server answers a TCP connection within `timeout` seconds."""
+    url = urllib.parse.urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai"))
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
 def wandb_offline() -> bool:
-    """`${wandb_offline:}`: W&B runs offline unless it can log in. WANDB_MODE wins when set; otherwise
-    online only with an API key (WANDB_API_KEY or ~/.netrc)."""
+    """`${wandb_offline:}`: W&B runs offline unless it can log in and reach its server. WANDB_MODE wins
+    when set; otherwise online only with an API key (WANDB_API_KEY or ~/.netrc) and a server that answers
+    within a few seconds (else one line says why it runs offline)."""
     mode = os.environ.get("WANDB_MODE")
     if mode:
         return mode in ("offline", "disabled", "dryrun")
     netrc = Path.home() / ".netrc"
-    return not (os.environ.get("WANDB_API_KEY") or (netrc.exists() and "api.wandb.ai" in netrc.read_text()))
+    if not (os.environ.get("WANDB_API_KEY") or (netrc.exists() and "api.wandb.ai" in netrc.read_text())):
+        return True
+    if not wandb_reachable():
+        print("wandb: an API key is set but the W&B server does not answer: logging offline", file=sys.stderr)
+        return True
+    return False
 
 
 OmegaConf.register_new_resolver("wandb_offline", wandb_offline, replace=True)
@@ -75,6 +93,15 @@ def cfg_get(cfg: DictConfig, key: str):
     return node
 
 
+def _number_in(cfg: DictConfig, key: str, lo: float, hi: float | None = None, lo_open: bool = False) -> float:
+    value = cfg_get(cfg, key)
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = ok and (value > lo if lo_open else value >= lo) and (hi is None or value <= hi)
+    bounds = f"{'(' if lo_open else '['}{lo}, {hi if hi is not None else 'inf'}{']' if hi is not None else ')'}"
+    _require(ok, f"{key}={value!r} is invalid: must be a number in {bounds}")
+    return value
+
+
 def _rule(check, *args) -> None:
     """A rule that lives with the code it governs (ValueError naming the key) -> ConfigError, same words."""
     try:
@@ -95,7 +122,8 @@ def validate(cfg: DictConfig) -> None:
     if cfg.model.get("sparse") is not None:
         _validate_sparse(cfg)
     _validate_data(cfg, seq_len)
-    _int_in(cfg, "trainer.max_steps", 1)
+    _validate_training(cfg)
+    _validate_machine(cfg)
 
 
 def _validate_architecture(cfg: DictConfig) -> None:
@@ -116,6 +144,39 @@ def _validate_architecture(cfg: DictConfig) -> None:
     _int_in(cfg, "model.vocab_size", 2)
 
 
+def _validate_training(cfg: DictConfig) -> None:
+    _number_in(cfg, "module.lr", 0, 1, lo_open=True)
+    _number_in(cfg, "module.min_lr_ratio", 0, 1)
+    _int_in(cfg, "module.lr_warmup_steps", 0)
+    _int_in(cfg, "module.dense_warmup_steps", 0)
+    _number_in(cfg, "module.weight_decay", 0)
+    _number_in(cfg, "module.indexer_kl_weight", 0)
+    _int_in(cfg, "trainer.max_steps", 1)
+    _int_in(cfg, "trainer.val_check_interval", 1)
+    for key in ("trainer.limit_val_batches", "trainer.limit_test_batches"):
+        _number_in(cfg, key, 0, lo_open=True)
+    _number_in(cfg, "trainer.gradient_clip_val", 0)
+
+
+def _validate_machine(cfg: DictConfig) -> None:
+    """What this machine can run: a GPU for GPU trainers and the fused kernels, a backward for flex."""
+    import torch
+
+    accelerator = cfg.trainer.get("accelerator")
+    has_gpu = torch.cuda.is_available()
+    _require(
+        accelerator not in ("gpu", "cuda") or has_gpu,
+        f"trainer.accelerator={accelerator} needs a CUDA GPU and this machine has none (use trainer=cpu)",
+    )
+    backend = cfg_get(cfg, "model.sparse.backend")
+    on_gpu = accelerator in ("gpu", "cuda") or accelerator == "auto" and has_gpu
+    _require(
+        backend not in ("triton", "flex") or on_gpu,
+        f"model.sparse.backend={backend} needs training on a CUDA GPU (flex has no CPU backward; triton kernels "
+        "are compiled for GPUs): use backend=torch or auto on the CPU",
+    )
+
+
 def _validate_budget(cfg: DictConfig) -> None:
     budget = cfg.model.budget
     _rule(check_target, budget.get("target"), budget.get("lo", 0.0), budget.get("hi", 1.0))
@@ -126,10 +187,9 @@ def _validate_budget(cfg: DictConfig) -> None:
 def _validate_sparse(cfg: DictConfig) -> None:
     s = cfg.model.sparse
     block = s.get("block_size")
-    query_block = s.get("query_block") or block
+    query_block = block if s.get("query_block") is None else s.query_block
     _rule(check_blocks, block, query_block)
     _rule(check_backend, s.backend, block, query_block)
-    _int_in(cfg, "model.sparse.dense_warmup_steps", 0)
     _int_in(cfg, "model.sparse.sink_tokens", 0)
     _int_in(cfg, "model.sparse.indexer.n_heads", 1)
     head_dim = _int_in(cfg, "model.sparse.indexer.head_dim", 2)
@@ -139,8 +199,11 @@ def _validate_sparse(cfg: DictConfig) -> None:
 def _validate_data(cfg: DictConfig, seq_len: int) -> None:
     d = cfg.data
     _int_in(cfg, "data.batch_size", 1)
+    _int_in(cfg, "data.num_workers", 0)
     for p in d.get("paths") or []:
         _require(Path(p).exists(), f"data.paths: {p} does not exist (give existing files or directories)")
+    if "tokenizer" in d or d._target_.endswith(("HFTextDataModule", "TextDomainsDataModule")):
+        _rule(check_tokenizer, d.get("tokenizer", "byte"), d.vocab_size)
     if "task" in d:
         args = [d.get(k) for k in ("min_pairs", "max_pairs")] + [d.get("alphabets", ()), d.get("count_cap", 15)]
         _rule(check_synthetic, d.task, seq_len, d.vocab_size, *args)

@@ -7,7 +7,6 @@
 """
 
 import json
-import os
 import sys
 import time
 import traceback
@@ -16,17 +15,19 @@ from pathlib import Path
 import hydra
 import lightning as L
 import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from adaptive_attn.config import ConfigError, check_group_overrides, fail, validate
-from adaptive_attn.data.synthetic import TASKS
-from adaptive_attn.lit.callbacks import SparsityStats, SpeedMonitor, peak_memory_bytes
-
-SUMMARY_SPARSITY = ("equivalent_keep", "pairs_share", "attn_mass_recall", "attn_mass_recall_random", "indexer_kl")
+from adaptive_attn.config import CONF_DIR, ConfigError, check_group_overrides, fail, validate
+from adaptive_attn.lit.interrupt import GracefulInterrupt, RunInterrupted
+from adaptive_attn.resume import check_same_run, checkpoint_to_resume, differences, record_run
+from adaptive_attn.summary import build_summary, write_json, write_k_vs_difficulty
 
 
 def finish_wandb() -> None:
@@ -36,104 +37,28 @@ def finish_wandb() -> None:
         wandb.finish()
 
 
-def _metric(metrics: dict, key: str) -> float | None:
-    value = metrics.get(key)
-    return float(value) if value is not None else None
-
-
-def callback_summary(trainer: L.Trainer) -> dict:
-    """Speed, memory and sparsity figures the callbacks measured."""
-    summary = {}
-    for cb in trainer.callbacks:
-        if isinstance(cb, SpeedMonitor):
-            perf = cb.metrics(trainer.strategy.root_device)
-            summary.update(tokens_per_s=perf["perf/tokens_per_s"], step_ms=perf["perf/step_ms"])
-            summary["peak_mem_bytes"] = int(perf["perf/peak_mem_bytes"])
-        if isinstance(cb, SparsityStats) and cb.last:
-            for name in SUMMARY_SPARSITY:
-                value = cb.last.get(f"val_sparse/{name}", cb.last.get(f"sparse/{name}"))
-                if value is not None:
-                    summary[name] = value
-            summary["sparsity"] = cb.last
-            for task in TASKS:
-                if f"test_sparse/k_difficulty_spearman/{task}" in cb.last:
-                    summary[f"k_difficulty_spearman_{task}"] = cb.last[f"test_sparse/k_difficulty_spearman/{task}"]
-    summary.setdefault("peak_mem_bytes", peak_memory_bytes(trainer.strategy.root_device))
-    return summary
-
-
-def slice_summary(metrics: dict) -> dict:
-    """Evaluation slices (position buckets, task x difficulty, needed-key recall) of validation and test."""
-    summary = {}
-    for split in ("val", "test"):
-        prefix = f"{split}_slices/"
-        slices = {k.removeprefix(prefix): float(v) for k, v in metrics.items() if k.startswith(prefix)}
-        if slices:
-            summary[f"{split}_slices"] = slices
-    if "needed_recall" in summary.get("val_slices", {}):
-        summary["needed_recall"] = summary["val_slices"]["needed_recall"]
-    return summary
-
-
-def build_summary(cfg: DictConfig, trainer: L.Trainer | None, status: str, wall_s: float, extra: dict) -> dict:
-    """The contents of summary.json."""
-    metrics = dict(trainer.callback_metrics) if trainer is not None else {}
-    choices = HydraConfig.get().runtime.choices
-    summary = {
-        "status": status,
-        "model": choices.get("model"),
-        "data": choices.get("data"),
-        "seq_len": cfg.seq_len,
-        "seed": cfg.seed,
-        "tags": list(cfg.tags),
-        **{name.replace("/", "_"): _metric(metrics, name) for name in ("val/loss", "val/acc", "test/loss", "test/acc")},
-        **slice_summary(metrics),
-        "steps": trainer.global_step if trainer is not None else 0,
-        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
-        "pid": os.getpid(),
-        "wall_s": wall_s,
-        "ended_at": time.time(),
-        **extra,
-        **(callback_summary(trainer) if trainer is not None else {}),
-    }
-    if "keep" in cfg.model:
-        summary["keep"] = cfg.model.keep
-        summary["k"] = cfg.model.get("k")
-    if cfg.model.get("budget") is not None:
-        summary["target"] = cfg.model.budget.target
-    summary["config"] = OmegaConf.to_container(cfg, resolve=True)
-    return summary
-
-
-def write_k_vs_difficulty(trainer: L.Trainer, out_dir: Path) -> None:
-    """Each test sequence's k against its difficulty, where the sparsity callback paired them."""
-    for cb in trainer.callbacks:
-        if isinstance(cb, SparsityStats) and cb.k_vs_difficulty is not None:
-            cb.k_vs_difficulty.to_csv(out_dir / "k_vs_difficulty.csv", index=False)
-
-
-def write_json(path: Path, payload: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=str))
-    tmp.replace(path)
-
-
 def build(cfg: DictConfig, out_dir: Path) -> tuple[L.LightningDataModule, L.LightningModule, L.Trainer]:
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
     module = instantiate(cfg.module, model=instantiate(cfg.model))
-    callbacks = [instantiate(c) for c in (cfg.callbacks or {}).values()]
     loggers = [instantiate(c) for c in (cfg.logger or {}).values()]
+    callbacks = [instantiate(c) for c in (cfg.callbacks or {}).values()]
+    if not loggers:  # a learning-rate monitor has nowhere to write
+        callbacks = [cb for cb in callbacks if not isinstance(cb, LearningRateMonitor)]
+    callbacks.append(GracefulInterrupt(str(out_dir / "checkpoints" / "last.ckpt")))
     for lg in loggers:
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, default_root_dir=str(out_dir))
     return datamodule, module, trainer
 
 
-def fit_and_test(cfg: DictConfig, datamodule, module, trainer: L.Trainer, extra: dict) -> None:
-    if cfg.eval_untrained and cfg.ckpt_path is None:
+def fit_and_test(cfg: DictConfig, datamodule, module, trainer: L.Trainer, checkpoint: str | None, extra: dict):
+    if cfg.eval_untrained and checkpoint is None:
         extra["untrained_val_loss"] = trainer.validate(module, datamodule=datamodule, verbose=False)[0]["val/loss"]
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=checkpoint)
+    for cb in trainer.callbacks:
+        if isinstance(cb, GracefulInterrupt):  # a signal in the last step
+            cb.raise_if_stopped(trainer)
     if "val/loss" not in trainer.callback_metrics:  # training ended before its first validation
         trainer.validate(module, datamodule=datamodule, verbose=False)
     fit_metrics = dict(trainer.callback_metrics)
@@ -141,29 +66,63 @@ def fit_and_test(cfg: DictConfig, datamodule, module, trainer: L.Trainer, extra:
     trainer.callback_metrics.update({k: v for k, v in fit_metrics.items() if k.startswith("val")})
 
 
+def ok_summary(out_dir: Path) -> dict | None:
+    """The summary of a run that finished in out_dir (status ok), if there is one."""
+    try:
+        summary = json.loads((out_dir / "summary.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return summary if summary.get("status") == "ok" else None
+
+
+def finished_summary(cfg: DictConfig, out_dir: Path) -> dict | None:
+    """A sweep job whose directory already holds this run's summary, status ok: its summary (the job is
+    skipped, so a sweep re-run finishes only what is missing)."""
+    if HydraConfig.get().mode != RunMode.MULTIRUN or cfg.ckpt_path is not None:
+        return None
+    summary = ok_summary(out_dir)
+    if summary is None:
+        return None
+    differ = differences(cfg, out_dir)
+    if differ:
+        raise ConfigError(f"{out_dir} holds a finished run of another config: {differ}")
+    return summary
+
+
 def run(cfg: DictConfig) -> dict:
-    """Train and evaluate one configuration; always leaves summary.json (status ok or failed)."""
+    """Train and evaluate one configuration; leaves summary.json (status ok, failed or interrupted)."""
     start, trainer, extra = time.perf_counter(), None, {"started_at": time.time()}
     out_dir = Path(cfg.output_dir)
     try:
         validate(cfg)
+        checkpoint = checkpoint_to_resume(cfg, out_dir)
+        check_same_run(cfg, out_dir)
+        done = finished_summary(cfg, out_dir)
     except ConfigError as err:
         if HydraConfig.get().mode != RunMode.MULTIRUN:
-            fail(str(err))  # a single run stops here, before any work, leaving nothing behind
-        out_dir.mkdir(parents=True, exist_ok=True)
+            fail(str(err))  # a single run stops here, before any work
         extra["error"] = f"ConfigError: {err}"
-        write_json(out_dir / "summary.json", build_summary(cfg, None, "failed", time.perf_counter() - start, extra))
+        if ok_summary(out_dir) is None:  # never over a finished run's summary
+            write_json(out_dir / "summary.json", build_summary(cfg, None, "failed", time.perf_counter() - start, extra))
         raise
+    if done is not None:
+        print(f"skipped: {out_dir} already finished (status ok)", file=sys.stderr)
+        return done
     out_dir.mkdir(parents=True, exist_ok=True)
+    record_run(cfg, out_dir)
     try:
         datamodule, module, trainer = build(cfg, out_dir)
-        fit_and_test(cfg, datamodule, module, trainer, extra)
+        fit_and_test(cfg, datamodule, module, trainer, checkpoint, extra)
         summary = build_summary(cfg, trainer, "ok", time.perf_counter() - start, extra)
     except Exception as err:
+        interrupted = isinstance(err, RunInterrupted)
         extra.update(error=f"{type(err).__name__}: {err}", traceback=traceback.format_exc())
+        if interrupted:
+            extra.update(checkpoint=err.checkpoint, resume_with="ckpt_path=last")
         if trainer is None or trainer.is_global_zero:
-            failed = build_summary(cfg, trainer, "failed", time.perf_counter() - start, extra)
-            write_json(out_dir / "summary.json", failed)
+            status = "interrupted" if interrupted else "failed"
+            ended = build_summary(cfg, trainer, status, time.perf_counter() - start, extra)
+            write_json(out_dir / "summary.json", ended)
         raise
     finally:
         finish_wandb()
@@ -177,23 +136,47 @@ def run(cfg: DictConfig) -> dict:
 def _hydra_main(cfg: DictConfig) -> None:
     try:
         summary = run(cfg)
+    except RunInterrupted as stop:  # a signal stops the whole sweep too: the same command finishes it later
+        print(f"interrupted: {stop}", file=sys.stderr)
+        sys.exit(128 + stop.signum)
     except Exception as err:
         if HydraConfig.get().mode != RunMode.MULTIRUN:
             raise
         # in a sweep one failing job must not stop the others: it is recorded as failed in its summary.json
         print(f"job failed ({type(err).__name__}: {err}); recorded in {cfg.output_dir}/summary.json", file=sys.stderr)
         return
-    untrained = summary.get("untrained_val_loss", float("nan"))
     if rank_zero_only.rank == 0:
+        untrained = summary.get("untrained_val_loss")
+        before = f" (untrained {untrained:.4f})" if untrained is not None else ""
         print(
-            f"done: val_loss={summary['val_loss']:.4f} (untrained {untrained:.4f}) "
+            f"done: val_loss={summary['val_loss']:.4f}{before} "
             f"tokens/s={summary.get('tokens_per_s', 0):.0f} -> {cfg.output_dir}/summary.json"
         )
+
+
+def precheck(argv: list[str]) -> None:
+    """A single run's config, composed as Hydra will compose it, checked before Hydra starts the job and
+    creates its directory: a rejected run (a bad value, a checkpoint that is not there, a resume with
+    another config) leaves nothing behind and touches no earlier run."""
+    if any(a.startswith("-") for a in argv):  # multirun (each job checks itself) or a Hydra flag
+        return
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=argv, return_hydra_config=True)
+    OmegaConf.set_struct(cfg, False)
+    cfg.hydra.runtime.output_dir = cfg.hydra.run.dir
+    HydraConfig.instance().set_config(cfg)
+    out_dir = Path(cfg.hydra.run.dir)
+    validate(cfg)
+    checkpoint_to_resume(cfg, out_dir)
+    check_same_run(cfg, out_dir)
+    GlobalHydra.instance().clear()
 
 
 def main() -> None:
     try:
         check_group_overrides(sys.argv[1:])
+        precheck(sys.argv[1:])
     except ConfigError as err:
         fail(str(err))
     torch.set_float32_matmul_precision("high")

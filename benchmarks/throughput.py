@@ -1,10 +1,17 @@
-"""Model-level benchmark: training-step time of each model variant, timed in one process.
+"""Model-level benchmark: training-step time of each model variant, timed in one process, in turns.
 
-Prints step time, tokens/s and the ratio to the first model (the baseline, `dense` by default) and,
-when both are present, adaptive / fixed25 (equal mean compute: the adaptive target is 0.25).
+Prints step time, tokens/s and the ratio to the first model (the baseline, `dense` by default), and
+adaptive / fixed25 when both are present (equal compute: the adaptive target is 0.25). With
+`--breakdown`, each model's step split into its components (forward + backward; profiled steps, so
+slower than the timed ones), and for every sparse model Amdahl's bound: the ratio to dense it would
+reach if everything but attention cost what it costs in the dense step, given its sparse attention op
+(`bound`) or an op spending dense attention's time per attended pair (`floor`).
 
-    GOMP_SPINCOUNT=0 python benchmarks/throughput.py --models dense fixed25 adaptive --seq-len 512 \
-        --json results/throughput_cpu.json
+    GOMP_SPINCOUNT=0 python benchmarks/throughput.py --models dense fixed25 adaptive --seq-len 2048 --batch 2 \
+        --overrides experiment=cpu_sweep model.sparse.block_size=64 model.sparse.query_block=128 --breakdown
+
+An override `key=value` applies to every model whose config has the key (block sizes skip dense); `name:key=value`
+applies to that model only.
 """
 
 import argparse
@@ -14,17 +21,36 @@ import time
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 from timing import median, take_turns
 from tqdm.auto import tqdm
 
 from adaptive_attn.config import CONF_DIR
+from adaptive_attn.lit.breakdown import profile_breakdown
 from adaptive_attn.lit.module import split_batch
+from adaptive_attn.nn.component import COMPONENTS, component
+
+
+def compose_train(overrides: list[str]):
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        return compose("train", overrides=overrides)
+
+
+def model_overrides(name: str, overrides: list[str]) -> list[str]:
+    """The overrides that apply to model `name`: its own (`name:key=value`), group choices, and keys its
+    config has."""
+    own = [o.split(":", 1)[1] for o in overrides if ":" in o.split("=", 1)[0] and o.split(":", 1)[0] == name]
+    general = [o for o in overrides if ":" not in o.split("=", 1)[0]]
+    groups = [o for o in general if "." not in o.split("=", 1)[0]]
+    cfg = compose_train([f"model={name}", *groups])
+    keys = [o for o in general if "." in o.split("=", 1)[0] and OmegaConf.select(cfg, o.split("=", 1)[0]) is not None]
+    return groups + keys + own
 
 
 def build_model(name: str, overrides: list[str]):
-    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        cfg = compose("train", overrides=[f"model={name}", *overrides])
-    return instantiate(cfg.model), cfg
+    used = model_overrides(name, overrides)
+    cfg = compose_train([f"model={name}", *used])
+    return instantiate(cfg.model), cfg, used
 
 
 def training_step(model, batch, calibrate: int):
@@ -35,7 +61,7 @@ def training_step(model, batch, calibrate: int):
     all its arithmetic, but the weights (and with them MoE routing and the adaptive budgets) stay where
     calibration left them instead of drifting on the one repeated batch.
     """
-    model.set_training_step(10**9)
+    model.set_sparse_stage(True)
     opt = torch.optim.AdamW(model.parameters(), lr=0.0)
     inputs, targets = split_batch(batch)
     with torch.no_grad():
@@ -49,14 +75,65 @@ def training_step(model, batch, calibrate: int):
         logits, aux = model(inputs)
         loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
         (loss + aux["balance_loss"] + aux.get("indexer_kl", 0.0)).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        with component("optimizer"):
+            opt.step()
+            opt.zero_grad(set_to_none=True)
         ms = 1000 * (time.perf_counter() - start)
         model.after_training_step(aux.get("sparsity"))
         keep = [float(layer["equivalent_keep"]) for layer in aux.get("sparsity", [])] or [1.0]
-        return ms, sum(keep) / len(keep)
+        share = [float(layer["pairs_share"]) for layer in aux.get("sparsity", [])] or [1.0]
+        return ms, sum(keep) / len(keep), sum(share) / len(share)
 
     return step
+
+
+def median_breakdowns(steps, rounds: int) -> list[dict[str, float]]:
+    """Each model's breakdown, median of `rounds` profiled steps taken in turns."""
+    runs = take_turns([lambda step=step: profile_breakdown(step) for step in steps], rounds, warmup=0)
+    names = ("total", "rest", *COMPONENTS)
+    return [{n: median([r.get(n, 0.0) for r in model_runs]) for n in names} for model_runs in runs]
+
+
+def amdahl(records: list[dict]) -> None:
+    """Amdahl's bound of every sparse model against dense, from their breakdowns (in place)."""
+    dense = next((r for r in records if r["model"] == "dense"), None)
+    if dense is None or "breakdown_ms" not in dense:
+        return
+    attention = dense["breakdown_ms"]["dense_attention"] / dense["breakdown_ms"]["total"]  # its share of a step
+    for r in records:
+        if r["model"] != "dense" and "breakdown_ms" in r:
+            op = r["breakdown_ms"]["sparse_attention"] / dense["breakdown_ms"]["dense_attention"]
+            r["amdahl_bound"] = round(1 - attention + attention * op, 3)
+            r["amdahl_floor"] = round(1 - attention + attention * r["pairs_share"], 3)
+    dense["attention_share"] = round(attention, 3)
+
+
+def print_tables(records: list[dict], args) -> None:
+    base = records[0]["step_ms"]
+    print(f"\nseq_len={args.seq_len} batch={args.batch} cpu threads={torch.get_num_threads()} {args.overrides}")
+    print(
+        f"{'model':14} {'step ms':>9} {'tokens/s':>9} {'eq. keep':>9} {'pairs':>7} {'vs ' + records[0]['model']:>10}"
+        f" {'bound':>7} {'floor':>7}"
+    )
+    for r in records:
+        r["ratio_vs_baseline"] = round(r["step_ms"] / base, 3)
+        cols = f"{r['step_ms']:>9.1f} {r['tokens_per_s']:>9.0f} {r['equivalent_keep']:>9.3f} {r['pairs_share']:>7.3f}"
+        cols += f" {r['ratio_vs_baseline']:>10.3f} {r.get('amdahl_bound', float('nan')):>7.3f}"
+        print(f"{r['model']:14} {cols} {r.get('amdahl_floor', float('nan')):>7.3f}")
+    by_name = {r["model"]: r for r in records}
+    if "adaptive" in by_name and "fixed25" in by_name:
+        print(f"adaptive / fixed25 step time: {by_name['adaptive']['step_ms'] / by_name['fixed25']['step_ms']:.3f}")
+    if "breakdown_ms" not in records[0]:
+        return
+    names = ["total", *[n for n in (*COMPONENTS, "rest") if any(r["breakdown_ms"][n] for r in records)]]
+    print("\nbreakdown (profiled steps): share of each model's step, and ms")
+    print(f"{'model':14} " + " ".join(f"{n[:12]:>12}" for n in names))
+    for r in records:
+        ms = r["breakdown_ms"]
+        cells = [f"{ms['total']:>10.0f}ms"] + [f"{ms[n] / ms['total']:>6.1%} {ms[n]:>4.0f}" for n in names[1:]]
+        print(f"{r['model']:14} " + " ".join(f"{c:>12}" for c in cells))
+    if "attention_share" in by_name.get("dense", {}):
+        print(f"dense attention's share of a dense step: {by_name['dense']['attention_share']:.3f}")
 
 
 def main() -> None:
@@ -68,24 +145,26 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--calibrate", type=int, default=100, help="forward passes for adaptive budgets to reach target")
-    p.add_argument("--overrides", nargs="*", default=[], help="extra Hydra overrides, e.g. model.sparse.block_size=64")
+    p.add_argument("--overrides", nargs="*", default=[], help="Hydra overrides: key=value, or model:key=value")
+    p.add_argument("--breakdown", action="store_true", help="also profile each model's step by component")
+    p.add_argument("--breakdown-rounds", type=int, default=3)
     p.add_argument("--json", help="write the records to this path")
     args = p.parse_args()
     torch.set_flush_denormal(True)  # as the training entry point does
 
-    steps = []
+    steps, applied = [], []
     for name in tqdm(args.models, desc="build + calibrate"):
         # same seed for every model: shared weights (budgets draw no random numbers) and the same batch,
         # so MoE routing, and with it the expert GEMM sizes, differ only through attention
         torch.manual_seed(args.seed)
-        model, cfg = build_model(name, [f"seq_len={args.seq_len}", *args.overrides])
+        model, cfg, used = build_model(name, [f"seq_len={args.seq_len}", *args.overrides])
+        applied.append(used)
         tokens = torch.randint(0, cfg.data.vocab_size, (args.batch, args.seq_len + 1))
         steps.append(training_step(model, {"tokens": tokens}, args.calibrate))
-    timed = take_turns(steps, args.repeats, args.warmup, desc="rounds")  # [(ms, keep)] per model
+    timed = take_turns(steps, args.repeats, args.warmup, desc="rounds")  # [(ms, keep, share)] per model
     records = []
-    for name, t in zip(args.models, timed):
-        ms = median([ms for ms, _ in t])
-        keep = [k for _, k in t]  # adaptive budgets move around their target while they train
+    for name, t, used in zip(args.models, timed, applied):
+        ms = median([ms for ms, _, _ in t])
         records.append(
             {
                 "model": name,
@@ -93,24 +172,19 @@ def main() -> None:
                 "batch": args.batch,
                 "step_ms": round(ms, 2),
                 "tokens_per_s": round(args.batch * args.seq_len / ms * 1000, 1),
-                "equivalent_keep": round(sum(keep) / len(keep), 4),
+                # adaptive budgets move around their target while they train
+                "equivalent_keep": round(sum(k for _, k, _ in t) / len(t), 4),
+                "pairs_share": round(sum(s for _, _, s in t) / len(t), 4),
                 "device": "cpu",
                 "threads": torch.get_num_threads(),
-                "overrides": args.overrides,
+                "overrides": used,
             }
         )
-    base = records[0]["step_ms"]
-    print(f"\nseq_len={args.seq_len} batch={args.batch} cpu threads={torch.get_num_threads()}")
-    print(f"{'model':14} {'step ms':>9} {'tokens/s':>9} {'eq. keep':>9} {'vs ' + records[0]['model']:>10}")
-    for r in records:
-        r["ratio_vs_baseline"] = round(r["step_ms"] / base, 3)
-        cols = f"{r['step_ms']:>9.1f} {r['tokens_per_s']:>9.0f} {r['equivalent_keep']:>9.3f}"
-        cols += f" {r['ratio_vs_baseline']:>10.3f}"
-        print(f"{r['model']:14} {cols}")
-    by_name = {r["model"]: r for r in records}
-    if "adaptive" in by_name and "fixed25" in by_name:
-        ratio = by_name["adaptive"]["step_ms"] / by_name["fixed25"]["step_ms"]
-        print(f"adaptive / fixed25 step time: {ratio:.3f}")
+    if args.breakdown:
+        for record, ms in zip(records, median_breakdowns(steps, args.breakdown_rounds)):
+            record["breakdown_ms"] = {k: round(v, 2) for k, v in ms.items()}
+        amdahl(records)
+    print_tables(records, args)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(records, f, indent=1)

@@ -24,9 +24,7 @@ SPARSE_MODES = {"token": {}, "block": {"block_size": 4, "query_block": 8}}
 
 def adaptive_model(mode="token", **kwargs):
     budget = partial(DynamicSparsityController, target=0.25, reference_len=64)
-    return AdaptiveMoELLM(
-        **tiny_model_kwargs(**kwargs), budget=budget, sparse={"dense_warmup_steps": 0, **SPARSE_MODES[mode]}
-    )
+    return AdaptiveMoELLM(**tiny_model_kwargs(**kwargs), budget=budget, sparse={**SPARSE_MODES[mode]})
 
 
 def causal_scores(B, L):
@@ -107,7 +105,7 @@ def test_short_run_holds_the_equivalent_keep_at_target(compose_cfg, model_name, 
             *extra,
             "experiment=quick",
             f"model={model_name}",
-            "model.sparse.dense_warmup_steps=0",
+            "module.dense_warmup_steps=0",
             "data=mqar",
             "trainer.max_steps=40",
             "trainer.val_check_interval=40",

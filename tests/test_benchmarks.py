@@ -46,12 +46,22 @@ def test_throughput_benchmark_records(tmp_path):
     run_script(
         "throughput.py",
         *("--models", "dense", "fixed25", "--seq-len", "32", "--batch", "2", "--repeats", "1", "--warmup", "0"),
-        *("--calibrate", "1", "--overrides", "experiment=quick", "--json", str(out)),
+        *("--calibrate", "1", "--breakdown", "--breakdown-rounds", "1", "--json", str(out)),
+        *("--overrides", "experiment=quick", "model.sparse.block_size=8", "fixed25:model.sparse.query_block=16"),
     )
     records = json.loads(out.read_text())
 
     assert [r["model"] for r in records] == ["dense", "fixed25"]
     dense, fixed = records
+    # dense has no model.sparse: the block override applied to fixed25 only, with its own query block
+    assert "model.sparse.block_size=8" in fixed["overrides"] and fixed["pairs_share"] < 1 == dense["pairs_share"]
+    for r, attention in ((dense, "dense_attention"), (fixed, "sparse_attention")):
+        ms = r["breakdown_ms"]
+        assert ms[attention] > 0 and ms["moe"] > 0 and ms["optimizer"] > 0
+        parts = sum(v for k, v in ms.items() if k != "total")
+        assert abs(parts - ms["total"]) < 1e-6 * ms["total"] + 0.05  # the parts add up to the step
+    assert fixed["breakdown_ms"]["indexer"] > 0 and dense["breakdown_ms"]["indexer"] == 0
+    assert 0 < dense["attention_share"] < 1 and fixed["amdahl_floor"] <= fixed["amdahl_bound"] + 1
     assert dense["equivalent_keep"] == 1.0 and abs(fixed["equivalent_keep"] - 0.25) < 1e-6
     assert dense["ratio_vs_baseline"] == 1.0
     tokens_per_s = 2 * 32 / fixed["step_ms"] * 1000

@@ -33,7 +33,6 @@ def sparse_stage_model(compose_cfg, overrides, indexer="default"):
     extra, weight_scale = INDEXERS[indexer]
     cfg = compose_cfg([*TINY, *overrides, *extra])
     model = instantiate(cfg.model).double()
-    model.set_training_step(10**9)
     with torch.no_grad():
         for dsa in model.sparse_layers():
             dsa.indexer.w_proj.weight.mul_(weight_scale)

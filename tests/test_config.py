@@ -33,6 +33,8 @@ def test_every_data_option_composes_and_builds(compose_cfg, data):
 )
 def test_every_other_group_option_composes(compose_cfg, group, option):
     cfg = compose_cfg([f"{group}={option}"])
+    if cfg.trainer.accelerator == "gpu" and not torch.cuda.is_available():  # rejected up front: see NEEDS_GPU
+        return
     validate(cfg)
     if group in ("logger", "callbacks"):
         for node in (cfg[group] or {}).values():
@@ -41,22 +43,55 @@ def test_every_other_group_option_composes(compose_cfg, group, option):
         assert instantiate(cfg.trainer, logger=False).max_steps == cfg.trainer.max_steps
 
 
+BAD_VALUES = [
+    ("seq_len=0", "seq_len=0 is invalid: must be an integer in [2, 65536]"),
+    ("model.n_heads=7", "model.n_heads=7 is invalid: must divide model.d_model=256"),
+    ("model.rope_dim=3", "model.rope_dim=3 is invalid: must be even"),
+    ("model.moe.top_k=9", "model.moe.top_k=9 is invalid: must be an integer in [1, 8]"),
+    ("model.short_conv=-1", "model.short_conv=-1 is invalid: must be an integer >= 0"),
+    ("model.keep=1.5", "model.keep=1.5 is invalid: must be in (0, 1]"),
+    ("model.keep=null", "model.keep=None and model.k=None are invalid: give exactly one of them"),
+    ("model=fixed_k model.k=0", "model.k=0 is invalid: must be an integer >= 1 (tokens)"),
+    ("model=adaptive model.budget.target=1.5", "model.budget.target=1.5 is invalid: must be in (0.02, 1.0)"),
+    ("model=adaptive model.budget.query_stride=0", "model.budget.query_stride=0 is invalid: must be an integer"),
+    ("model.sparse.backend=cuda", "model.sparse.backend='cuda' is invalid: choose one of reference, torch"),
+    ("model.sparse.backend=flex", "model.sparse.backend=flex does not fit model.sparse.block_size=1"),
+    (
+        "model.sparse.backend=flex model.sparse.block_size=8",
+        "model.sparse.backend=flex does not fit model.sparse.block_size=8, query_block=8: FlexAttention needs",
+    ),
+    ("model.sparse.block_size=0", "model.sparse.block_size=0 is invalid: must be an integer in [1, 4096]"),
+    ("model.sparse.query_block=0", "model.sparse.query_block=0 is invalid: must be a positive multiple"),
+    ("model.sparse.block_size=8 model.sparse.query_block=12", "model.sparse.query_block=12 is invalid"),
+    ("model.sparse.sink_tokens=-2", "model.sparse.sink_tokens=-2 is invalid: must be an integer >= 0"),
+    ("model.sparse.indexer.rope_dim=3", "model.sparse.indexer.rope_dim=3 is invalid: must be an even integer"),
+    ("module.lr=-1", "module.lr=-1 is invalid: must be a number in (0, 1]"),
+    ("module.lr=abc", "module.lr='abc' is invalid: must be a number in (0, 1]"),
+    ("module.min_lr_ratio=2", "module.min_lr_ratio=2 is invalid: must be a number in [0, 1]"),
+    ("module.dense_warmup_steps=-1", "module.dense_warmup_steps=-1 is invalid: must be an integer >= 0"),
+    ("trainer.max_steps=0", "trainer.max_steps=0 is invalid: must be an integer >= 1"),
+    ("trainer.val_check_interval=0", "trainer.val_check_interval=0 is invalid: must be an integer >= 1"),
+    ("data.batch_size=0", "data.batch_size=0 is invalid: must be an integer >= 1"),
+    ("data.num_workers=-1", "data.num_workers=-1 is invalid: must be an integer >= 0"),
+    ("data.tokenizer=words", "data.tokenizer='words' is invalid: choose byte or bpe"),
+    ("data=mqar data.max_pairs=0", "data.max_pairs=0 is invalid: must be an integer in [1, seq_len // 4 = 64]"),
+    ("data=mqar data.min_pairs=20 data.max_pairs=10", "data.min_pairs=20 is invalid"),
+    ("data=mqar data.vocab_size=200", "data.vocab_size=200 is invalid: must be >= seq_len + 18"),
+    ("data=counting data.alphabets=[0]", "data.alphabets=[0] is invalid: each must be an integer in [1,"),
+    ("data=counting data.count_cap=16", "data.count_cap=16 is invalid: must be an integer in [1, 15]"),
+    ("data=recall_count data.task=sorting", "data.task='sorting' is invalid: choose one of recall, counting"),
+]
+# what this machine cannot run: checked up front as well
+NEEDS_GPU = [
+    ("trainer=gpu", "trainer.accelerator=gpu needs a CUDA GPU and this machine has none"),
+    ("trainer=ddp", "trainer.accelerator=gpu needs a CUDA GPU and this machine has none"),
+    ("model.sparse.backend=triton", "model.sparse.backend=triton needs training on a CUDA GPU"),
+    ("model.sparse.backend=flex model.sparse.block_size=16", "model.sparse.backend=flex needs training on a CUDA GPU"),
+]
+
+
 @pytest.mark.parametrize(
-    "override,needle",
-    [
-        ("seq_len=0", "seq_len=0 is invalid: must be an integer in [2, 65536]"),
-        ("model.n_heads=7", "model.n_heads=7 is invalid: must divide model.d_model=256"),
-        ("model.keep=1.5", "model.keep=1.5 is invalid: must be in (0, 1]"),
-        ("model.sparse.backend=cuda", "model.sparse.backend='cuda' is invalid"),
-        ("data.batch_size=0", "data.batch_size=0 is invalid"),
-        ("model=adaptive model.budget.target=1.5", "model.budget.target=1.5 is invalid: must be in (0.02, 1.0)"),
-        ("model=adaptive model.budget.query_stride=0", "model.budget.query_stride=0 is invalid: must be an integer"),
-        ("model.sparse.backend=flex", "model.sparse.backend=flex does not fit model.sparse.block_size=1"),
-        (
-            "model.sparse.backend=flex model.sparse.block_size=8",
-            "model.sparse.backend=flex does not fit model.sparse.block_size=8, query_block=8: FlexAttention needs",
-        ),
-    ],
+    "override,needle", BAD_VALUES + ([] if torch.cuda.is_available() else NEEDS_GPU), ids=lambda v: v[:40]
 )
 def test_bad_values_fail_validation_with_one_line(compose_cfg, override, needle):
     cfg = compose_cfg(override.split())
@@ -72,7 +107,11 @@ def test_bad_values_fail_validation_with_one_line(compose_cfg, override, needle)
         (["model.n_heads=7"], "error: model.n_heads=7 is invalid: must divide model.d_model=256"),
         (["model=nonsense"], "error: model=nonsense is not an option; choose one of: "),
         (["data.paths=[/no/such/dir]"], "error: data.paths: /no/such/dir does not exist"),
-    ],
+        (["module.lr=abc"], "error: module.lr='abc' is invalid"),
+        (["data.num_workers=-1"], "error: data.num_workers=-1 is invalid"),
+        (["ckpt_path=last"], "error: ckpt_path=last: no checkpoints/last.ckpt in "),
+    ]
+    + ([] if torch.cuda.is_available() else [(["trainer=gpu"], "error: trainer.accelerator=gpu needs a CUDA GPU")]),
 )
 def test_cli_rejects_bad_values_before_training(tmp_path, args, needle):
     proc = subprocess.run(
@@ -84,10 +123,11 @@ def test_cli_rejects_bad_values_before_training(tmp_path, args, needle):
     assert proc.returncode != 0
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert lines == [lines[0]] and lines[0].startswith(needle), proc.stderr
-    assert not (tmp_path / "run" / "summary.json").exists()
+    assert not (tmp_path / "run").exists()  # nothing written, not even the run directory
 
 
-def test_wandb_is_offline_without_credentials_and_respects_wandb_mode(monkeypatch, tmp_path):
+def test_wandb_is_offline_without_credentials_or_server_and_respects_wandb_mode(monkeypatch, tmp_path, capsys):
+    from adaptive_attn import config
     from adaptive_attn.config import wandb_offline
 
     monkeypatch.setenv("HOME", str(tmp_path))
@@ -95,6 +135,9 @@ def test_wandb_is_offline_without_credentials_and_respects_wandb_mode(monkeypatc
     monkeypatch.delenv("WANDB_MODE", raising=False)
     assert wandb_offline()
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # nothing listens: refused at once
+    assert wandb_offline() and "does not answer: logging offline" in capsys.readouterr().err
+    monkeypatch.setattr(config, "wandb_reachable", lambda: True)
     assert not wandb_offline()
     monkeypatch.setenv("WANDB_MODE", "offline")
     assert wandb_offline()

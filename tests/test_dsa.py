@@ -56,7 +56,7 @@ def test_block_scores_of_a_query_block_ignore_its_own_and_later_tokens():
 
 @pytest.mark.parametrize("mode", SPARSE_MODES)
 def test_lm_loss_trains_model_and_kl_trains_indexer(mode):
-    model = FixedSparseMoELLM(**tiny_model_kwargs(), keep=0.5, sparse={"dense_warmup_steps": 0, **SPARSE_MODES[mode]})
+    model = FixedSparseMoELLM(**tiny_model_kwargs(), keep=0.5, sparse={**SPARSE_MODES[mode]})
     tokens = torch.randint(0, 50, (2, 48))
     logits, aux = model(tokens)
     lm = torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens.flatten())
@@ -75,19 +75,19 @@ def test_lm_loss_trains_model_and_kl_trains_indexer(mode):
 
 @pytest.mark.parametrize("mode", SPARSE_MODES)
 def test_warmup_stage_is_dense_then_sparse(mode):
-    model = FixedSparseMoELLM(**tiny_model_kwargs(), keep=0.25, sparse={"dense_warmup_steps": 5, **SPARSE_MODES[mode]})
+    model = FixedSparseMoELLM(**tiny_model_kwargs(), keep=0.25, sparse=SPARSE_MODES[mode])
     tokens = torch.randint(0, 50, (2, 64))
-    model.set_training_step(4)
+    model.set_sparse_stage(False)
     _, aux = model(tokens)
     assert aux["sparsity"][0]["pairs_share"] == 1.0 and aux["indexer_kl"] > 0
-    model.set_training_step(5)
+    model.set_sparse_stage(True)
     sparse_stats = layer_stats(model, tokens)
     assert 0.3 < sparse_stats["pairs_share"] < 0.6 and sparse_stats["equivalent_keep"] == 0.25
 
 
 def test_fixed_budget_attends_min_k_t_plus_1_keys_per_query():
     L, keep = 64, 0.25
-    model = FixedSparseMoELLM(**tiny_model_kwargs(), keep=keep, sparse={"dense_warmup_steps": 0})
+    model = FixedSparseMoELLM(**tiny_model_kwargs(), keep=keep, sparse={})
     stats = layer_stats(model, torch.randint(0, 50, (2, L)))
     k = math.ceil(keep * L)
     expected = sum(min(k, t + 1) for t in range(L)) / (L * (L + 1) / 2)
@@ -97,9 +97,7 @@ def test_fixed_budget_attends_min_k_t_plus_1_keys_per_query():
 
 @pytest.mark.parametrize("keep", [0.1, 0.25, 0.5])
 def test_fixed_block_budget_attends_the_pairs_of_its_keep(keep):
-    model = FixedSparseMoELLM(
-        **tiny_model_kwargs(), keep=keep, sparse={"dense_warmup_steps": 0, **SPARSE_MODES["block"]}
-    )
+    model = FixedSparseMoELLM(**tiny_model_kwargs(), keep=keep, sparse={**SPARSE_MODES["block"]})
     stats = layer_stats(model, torch.randint(0, 50, (2, 45)))
     layout = SparseLayout(45, 4, 8)
     past_blocks = layout.hard_columns(fixed_k(keep, layout))

@@ -32,9 +32,8 @@ def loss_and_grads(model, tokens, autocast: bool):
 @pytest.mark.parametrize("model_name,mode,stage", CASES)
 def test_every_model_trains_under_bf16_autocast(compose_cfg, model_name, mode, stage):
     cfg = compose_cfg([f"model={model_name}", "experiment=quick", "seq_len=128", *MODES[mode]])
-    if stage != "dense":
-        cfg.model.sparse.dense_warmup_steps = 10**6 if stage == "warmup" else 0
     model = instantiate(cfg.model)
+    model.set_sparse_stage(stage == "sparse")
     tokens = torch.randint(0, cfg.model.vocab_size, (2, 129))
 
     lm32, _, grads32 = loss_and_grads(model, tokens, autocast=False)
@@ -65,7 +64,7 @@ def test_indexer_kl_of_bf16_inputs_is_computed_in_float32():
 
 def test_a_bf16_mixed_training_run_completes(compose_cfg):
     cfg = compose_cfg(
-        ["experiment=quick", "model=adaptive", "model.sparse.dense_warmup_steps=2", "trainer.precision=bf16-mixed"]
+        ["experiment=quick", "model=adaptive", "module.dense_warmup_steps=2", "trainer.precision=bf16-mixed"]
     )
     summary = run(cfg)
     # six steps already take the loss below a uniform guess over the bytes

@@ -5,7 +5,7 @@ from adaptive_attn.train import run
 
 
 def test_quick_text_run_writes_a_complete_summary(compose_cfg):
-    cfg = compose_cfg(["experiment=quick", "model=fixed25", "model.sparse.dense_warmup_steps=2"])
+    cfg = compose_cfg(["experiment=quick", "model=fixed25", "module.dense_warmup_steps=2"])
     summary = run(cfg)
     on_disk = json.loads((Path(cfg.output_dir) / "summary.json").read_text())
     assert on_disk["status"] == "ok" and summary["status"] == "ok"

@@ -87,7 +87,7 @@ def test_triton_backend_inside_a_model_is_causal():
     from adaptive_attn.model.llm import FixedSparseMoELLM
     from tests.helpers import tiny_model_kwargs
 
-    sparse = {"dense_warmup_steps": 0, "backend": "triton"}
+    sparse = {"backend": "triton"}
     model = FixedSparseMoELLM(**tiny_model_kwargs(), keep=0.25, sparse=sparse).to(DEVICE)
     if DEVICE == "cpu":
         assert_causal(model, 24, cuts=(11,))

@@ -43,7 +43,7 @@ def gpu_pool_sweep(tmp_path_factory) -> Path:
         "model=adaptive,fixed25",
         "seq_len=32,64",
         "seed=0,1",
-        "model.sparse.dense_warmup_steps=2",
+        "module.dense_warmup_steps=2",
         "trainer.max_steps=30",  # runs long enough that the two workers' jobs overlap in time
         "hydra/launcher=gpu_pool",
         "hydra.launcher.n_gpus=2",
@@ -110,7 +110,7 @@ def test_resume_from_last_checkpoint_matches_uninterrupted_run(compose_cfg, tmp_
     common = [
         "experiment=quick",
         "model=fixed25",
-        "model.sparse.dense_warmup_steps=3",
+        "module.dense_warmup_steps=3",
         "trainer.max_steps=8",
         "callbacks.model_checkpoint.every_n_train_steps=2",
     ]
@@ -156,7 +156,7 @@ def test_ddp_run_on_two_cpu_processes_writes_one_summary(tmp_path):
     out = tmp_path / "ddp"
     proc = subprocess.run(
         [sys.executable, "-m", "adaptive_attn.train", *QUICK, "trainer=ddp", "trainer.accelerator=cpu"]
-        + ["trainer.devices=2", "trainer.precision=32-true", "model=adaptive", "model.sparse.dense_warmup_steps=2"]
+        + ["trainer.devices=2", "trainer.precision=32-true", "model=adaptive", "module.dense_warmup_steps=2"]
         + [f"hydra.run.dir={out}"],
         capture_output=True,
         text=True,

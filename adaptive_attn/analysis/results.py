@@ -2,6 +2,7 @@
 confidence intervals, compare adaptive and fixed budgets pairwise (same seq_len and seed), and plot."""
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -20,10 +21,14 @@ METRICS = [
     "attn_mass_recall",
     "attn_mass_recall_random",
     "needed_recall",
+    "val_acc_auc",
+    "steps_to_acc_0.9",
+    "wall_s_to_acc_0.9",
     "k_difficulty_spearman_recall",
     "k_difficulty_spearman_counting",
 ]
 TABLE_METRICS = [m for m in METRICS if m not in ("test_loss", "test_acc", "step_ms")]
+COMPARED = ["val_loss", "val_acc", "val_acc_auc", "steps_to_acc_0.9", "step_ms"]
 
 # two-sided 95% Student-t quantiles by degrees of freedom (normal beyond the table)
 _T975 = {
@@ -52,11 +57,17 @@ def t_quantile(dof: int) -> float:
 
 
 def load_runs(sweep_dir: str | Path) -> pd.DataFrame:
-    """One row per run (every summary.json below `sweep_dir`), scalar fields only, plus `run_dir`."""
+    """One row per run (every summary.json below `sweep_dir`), scalar fields only, plus `run_dir`. An
+    unreadable summary is skipped with a warning that names it."""
     rows = []
     for path in sorted(Path(sweep_dir).rglob("summary.json")):
-        summary = json.loads(path.read_text())
+        try:
+            summary = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            warnings.warn(f"skipping {path}: not a readable summary ({err})", stacklevel=2)
+            continue
         row = {k: v for k, v in summary.items() if isinstance(v, (int, float, str, bool)) or v is None}
+        row.update({f"val_{name}": value for name, value in summary.get("val_slices", {}).items()})
         row["run_dir"] = str(path.parent)
         rows.append(row)
     if not rows:
@@ -85,6 +96,35 @@ def paired_comparison(runs: pd.DataFrame, model: str, baseline: str, metric: str
     out.insert(0, "comparison", f"{model} - {baseline}")
     out.insert(1, "metric", metric)
     return out.reset_index()
+
+
+def load_curves(runs: pd.DataFrame) -> pd.DataFrame:
+    """The validation curve of every finished run (summary.json's val_curve): one row per validation."""
+    frames = []
+    for _, run in runs[runs["status"] == "ok"].iterrows():
+        curve = json.loads((Path(run["run_dir"]) / "summary.json").read_text()).get("val_curve") or []
+        if curve:
+            frame = pd.DataFrame(curve)
+            frame["model"], frame["seq_len"], frame["seed"] = run["model"], run["seq_len"], run["seed"]
+            frames.append(frame)
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def equal_compute_pairs(runs: pd.DataFrame) -> list[tuple[str, str]]:
+    """(model, baseline) pairs that spend the same compute: every budget with a target keep against the
+    fixed budget of that keep (adaptive vs fixed25, adaptive10 vs fixed10, oracle vs fixed25, ...), and the
+    shuffled control against the adaptive budget it shuffles."""
+    ok = runs[runs["status"] == "ok"]
+    fixed = (
+        {round(k, 4): m for m, k in ok.dropna(subset=["keep"]).groupby("model")["keep"].first().items()}
+        if "keep" in ok
+        else {}
+    )
+    targets = ok.dropna(subset=["target"]).groupby("model")["target"].first() if "target" in ok else pd.Series()
+    pairs = [(m, fixed[round(t, 4)]) for m, t in targets.items() if round(t, 4) in fixed]
+    adaptive = {round(t, 4): m for m, t in targets.items() if m.startswith("adaptive") and "topp" not in m}
+    pairs += [(m, adaptive[round(t, 4)]) for m, t in targets.items() if m == "shuffled" and round(t, 4) in adaptive]
+    return pairs
 
 
 def load_k_vs_difficulty(runs: pd.DataFrame) -> pd.DataFrame:
@@ -116,75 +156,6 @@ def format_table(agg: pd.DataFrame, metrics=TABLE_METRICS) -> pd.DataFrame:
     return table
 
 
-def plot_sweep(runs: pd.DataFrame, out_dir: str | Path) -> list[Path]:
-    """Line plots over seq_len per model (val loss, accuracy, tokens/s, peak memory, pairs share), k
-    histograms per layer and k vs difficulty. Returns the written PNG paths."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written = [plot_metrics_vs_seq_len(aggregate(runs), out_dir / "metrics_vs_seq_len.png")]
-    k = load_k_vs_difficulty(runs)
-    if not k.empty:
-        written.append(plot_k(k, out_dir / "k_histograms_and_difficulty.png"))
-    return written
-
-
-def plot_metrics_vs_seq_len(agg: pd.DataFrame, path: Path) -> Path:
-    import matplotlib.pyplot as plt
-
-    panels = [
-        m
-        for m in ("val_loss", "val_acc", "tokens_per_s", "peak_mem_bytes", "pairs_share")
-        if m in agg.columns.get_level_values(0)
-    ]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
-    for ax, metric in zip(axes[0], panels):
-        for model, frame in agg.groupby(level="model"):
-            x = frame.index.get_level_values("seq_len")
-            ax.errorbar(
-                x, frame[(metric, "mean")], yerr=frame[(metric, "ci95")].fillna(0), marker="o", capsize=3, label=model
-            )
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("seq_len")
-        ax.set_title(metric + (" (bytes)" if metric == "peak_mem_bytes" else ""))
-        ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8)
-    fig.suptitle("mean ± 95% CI over seeds")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def plot_k(k: pd.DataFrame, path: Path) -> Path:
-    """Histograms of each sequence's k per layer, and mean k against difficulty, per model."""
-    import matplotlib.pyplot as plt
-
-    layers = sorted(c for c in k.columns if c.startswith("k_layer"))
-    fig, axes = plt.subplots(1, len(layers) + 1, figsize=(3.6 * (len(layers) + 1), 3.2), squeeze=False)
-    for ax, layer in zip(axes[0], layers):
-        for model, frame in k.groupby("model"):
-            values = frame[layer].dropna()  # runs that did not record this layer
-            if len(values):
-                ax.hist(values, bins=30, alpha=0.6, label=model)
-        ax.set_title(f"k per sequence, {layer.removeprefix('k_')}")
-    ax = axes[0][-1]
-    for (model, task), frame in k.groupby(["model", "task"]):
-        means = frame.groupby("difficulty")["k"].mean()
-        ax.plot(means.index, means.values, marker=".", label=f"{model} {task}")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("difficulty (recall: pairs; counting: alphabet)")
-    ax.set_ylabel("mean k")
-    ax.set_title("k vs difficulty")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
 def analyse(sweep_dir: str | Path, out_dir: str | Path | None = None, plots: bool = True) -> pd.DataFrame:
     """Write results.csv (per run), summary.md (mean ± CI, paired comparisons) and plots into out_dir."""
     runs = load_runs(sweep_dir)
@@ -200,18 +171,19 @@ def analyse(sweep_dir: str | Path, out_dir: str | Path | None = None, plots: boo
     if (runs["status"] == "ok").any():
         lines += ["## mean ± 95% CI over seeds", "", format_table(aggregate(runs)).to_markdown(), ""]
         models = set(runs["model"])
-        pairs = [
-            (m, b) for m in sorted(models) if m.startswith("adaptive") for b in sorted(models) if b.startswith("fixed")
-        ]
-        comparisons = [paired_comparison(runs, m, b, metric) for m, b in pairs for metric in ("val_loss", "val_acc")]
+        pairs = equal_compute_pairs(runs) + [(m, "dense") for m in sorted(models - {"dense"}) if "dense" in models]
+        metrics = [m for m in COMPARED if m in runs and runs[m].notna().any()]
+        comparisons = [paired_comparison(runs, m, b, metric) for m, b in pairs for metric in metrics]
         if comparisons:
             lines += [
-                "## paired differences (same seq_len and seed)",
+                "## paired differences (same seq_len and seed): equal-compute pairs, then each model against dense",
                 "",
                 pd.concat(comparisons).round(4).to_markdown(index=False),
                 "",
             ]
         if plots:
+            from adaptive_attn.analysis.plots import plot_sweep
+
             plot_sweep(runs, out_dir)
     failed = runs[runs["status"] != "ok"]
     if len(failed):

@@ -1,14 +1,17 @@
 """Lightning data modules over MQAR, local text files and Hugging Face text datasets."""
 
+import functools
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler
 
 from adaptive_attn.data import text
 from adaptive_attn.data.counting import check_counting, make_counting
+from adaptive_attn.data.domains import TEXT_DOMAINS, domain_documents
 from adaptive_attn.data.mqar import make_mqar, resolve_pairs
 from adaptive_attn.data.synthetic import TaskDataset, content_range, make_mixture
 
@@ -88,6 +91,14 @@ class LMDataModule(L.LightningDataModule):
         return self._loader("test")
 
 
+def check_tokenizer(tokenizer: str, vocab_size: int) -> None:
+    """The text tokenizer's rule; ValueError naming the key."""
+    if tokenizer not in ("byte", "bpe"):
+        raise ValueError(f"data.tokenizer={tokenizer!r} is invalid: choose byte or bpe")
+    if tokenizer == "byte" and vocab_size != text.BYTE_VOCAB:
+        raise ValueError(f"data.vocab_size={vocab_size} is invalid: the byte tokenizer has {text.BYTE_VOCAB} tokens")
+
+
 def check_synthetic(task: str, seq_len: int, vocab_size: int, min_pairs, max_pairs, alphabets, count_cap) -> None:
     """The synthetic tasks' rules, before any work: ValueError naming the key."""
     if task not in SYNTHETIC_TASKS:
@@ -158,11 +169,8 @@ class TextDataModule(LMDataModule):
         **kwargs,
     ):
         super().__init__(seq_len, vocab_size, **kwargs)
-        if tokenizer not in ("byte", "bpe"):
-            raise ValueError(f"data.tokenizer must be 'byte' or 'bpe', got {tokenizer!r}")
-        if tokenizer == "byte" and vocab_size != text.BYTE_VOCAB:
-            raise ValueError(f"data.vocab_size must be {text.BYTE_VOCAB} with the byte tokenizer, got {vocab_size}")
-        self.files = text.expand_paths(list(paths)) if paths else text.stdlib_files()
+        check_tokenizer(tokenizer, vocab_size)
+        self.files = text.text_files(text.expand_paths(list(paths)) if paths else text.stdlib_files())
         self.tokenizer, self.val_percent = tokenizer, val_percent
         self.cache_dir = Path(cache_dir) if cache_dir else text.CACHE_DIR
 
@@ -173,13 +181,51 @@ class TextDataModule(LMDataModule):
         else:
             tok = text.ByteTokenizer()
         train = text.tokenize_files(files["train"], tok, self.cache_dir)
-        val = text.tokenize_files(files["val"], tok, self.cache_dir)
-        half = len(val) // 2  # val and test: the two halves of the held-out files' tokens
+        if files["val"]:
+            val = text.tokenize_files(files["val"], tok, self.cache_dir)
+        else:  # a single file: its last val_percent (at least two windows) is held out
+            held_out = max(2 * (self.seq_len + 1), int(len(train) * self.val_percent / 100))
+            train, val = train[:-held_out], train[-held_out:]
+        half = len(val) // 2  # val and test: the two halves of the held-out tokens
         return {
             "train": text.TokenWindows(train, self.seq_len),
             "val": text.TokenWindows(val[:half], self.seq_len),
             "test": text.TokenWindows(val[half:], self.seq_len),
         }
+
+
+class TextDomainsDataModule(LMDataModule):
+    """Text of several complexities (`domains`: code, prose, repetitive; see `domains.py`), byte-level.
+    Training windows come from all of them; validation and test windows alternate between them and
+    carry their domain, so each domain gets its own loss."""
+
+    def __init__(
+        self, seq_len: int, vocab_size: int = text.BYTE_VOCAB, domains=TEXT_DOMAINS, val_percent=2.0, **kwargs
+    ):
+        super().__init__(seq_len, vocab_size, **kwargs)
+        unknown = [d for d in domains if d not in TEXT_DOMAINS]
+        if unknown or not domains:
+            raise ValueError(f"data.domains={list(domains)!r} is invalid: choose from {', '.join(TEXT_DOMAINS)}")
+        self.domains, self.val_percent = list(domains), val_percent
+
+    def build(self) -> dict[str, Dataset]:
+        tok, parts = text.ByteTokenizer(), {"train": [], "val": [], "test": []}
+        version = f"{sys.version_info.major}.{sys.version_info.minor}-{self.val_percent}"
+        for name in self.domains:
+            docs = functools.cache(lambda name=name: domain_documents(name))
+            split = {}
+            for part in ("train", "val"):
+
+                def pick(part=part, docs=docs):
+                    return [d for key, d in docs() if text.split_of(key, self.val_percent) == part]
+
+                split[part] = text.tokenize_documents(f"{name}-{part}-{version}", pick, tok)
+            half, domain = len(split["val"]) // 2, TEXT_DOMAINS.index(name)
+            parts["train"].append(text.TokenWindows(split["train"], self.seq_len))
+            parts["val"].append(text.TokenWindows(split["val"][:half], self.seq_len, domain))
+            parts["test"].append(text.TokenWindows(split["val"][half:], self.seq_len, domain))
+        train = parts.pop("train")
+        return {"train": ConcatDataset(train), **{k: text.Interleaved(v) for k, v in parts.items()}}
 
 
 class HFTextDataModule(LMDataModule):
@@ -196,8 +242,7 @@ class HFTextDataModule(LMDataModule):
         **kwargs,
     ):
         super().__init__(seq_len, vocab_size, **kwargs)
-        if vocab_size != text.BYTE_VOCAB:
-            raise ValueError(f"data.vocab_size must be {text.BYTE_VOCAB} (byte tokenizer), got {vocab_size}")
+        check_tokenizer("byte", vocab_size)
         self.name, self.text_field, self.val_split, self.max_docs = name, text_field, val_split, max_docs
 
     def build(self) -> dict[str, Dataset]:

@@ -9,6 +9,7 @@ hash of the file's path, so it is deterministic and independent of file order.
 """
 
 import hashlib
+import sys
 import sysconfig
 import zlib
 from pathlib import Path
@@ -38,16 +39,48 @@ def expand_paths(paths: list[str]) -> list[Path]:
     return files
 
 
-def split_of(path: Path, val_percent: float) -> str:
-    return "val" if zlib.crc32(str(path).encode()) % 1000 < val_percent * 10 else "train"
+def split_of(key, val_percent: float) -> str:
+    """A file's (or document's) split, from a hash of its path (or key): independent of order."""
+    return "val" if zlib.crc32(str(key).encode()) % 1000 < val_percent * 10 else "train"
+
+
+def is_text(path: Path) -> bool:
+    """UTF-8 without NUL bytes: sources, prose, data in text form; not bytecode, images or other encodings."""
+    data = path.read_bytes()
+    if b"\0" in data:
+        return False
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def text_files(files: list[Path]) -> list[Path]:
+    """The files that are text (see `is_text`); one line says how many others were skipped."""
+    kept = [f for f in files if is_text(f)]
+    skipped = sorted(set(files) - set(kept))
+    if skipped:
+        print(
+            f"data: skipped {len(skipped)} of {len(files)} files that are not UTF-8 text, e.g. {skipped[0]}",
+            file=sys.stderr,
+        )
+    if not kept:
+        raise ValueError(f"data.paths: none of the {len(files)} files is UTF-8 text")
+    return kept
 
 
 def split_files(files: list[Path], val_percent: float) -> dict[str, list[Path]]:
+    """Files -> train and val by a hash of each path. A small corpus where one side would be empty gives
+    that side the file whose hash is lowest (a single file is split by tokens instead, in the data module)."""
     splits: dict[str, list[Path]] = {"train": [], "val": []}
     for f in files:
         splits[split_of(f, val_percent)].append(f)
-    if not splits["train"] or not splits["val"]:
-        raise ValueError(f"data.val_percent={val_percent} leaves an empty split over {len(files)} files")
+    for empty, full in (("val", "train"), ("train", "val")):
+        if not splits[empty] and len(splits[full]) > 1:
+            moved = min(splits[full], key=lambda f: zlib.crc32(str(f).encode()))
+            splits[full].remove(moved)
+            splits[empty].append(moved)
     return splits
 
 
@@ -100,11 +133,20 @@ def corpus_key(files: list[Path]) -> str:
 
 def tokenize_files(files: list[Path], tokenizer, cache_dir: Path = CACHE_DIR) -> np.ndarray:
     """Tokens of all files, each followed by end-of-document; cached as .npy."""
-    path = cache_dir / f"tokens-{tokenizer.name}-{corpus_key(files)}.npy"
+
+    def read() -> list[bytes]:
+        return [f.read_bytes() for f in tqdm(files, desc=f"reading {len(files)} files", leave=False)]
+
+    return tokenize_documents(corpus_key(files), read, tokenizer, cache_dir)
+
+
+def tokenize_documents(key: str, make_documents, tokenizer, cache_dir: Path = CACHE_DIR) -> np.ndarray:
+    """Tokens of the documents `make_documents()` returns, each followed by end-of-document; cached as .npy
+    under `key` (make_documents runs only when the cache misses)."""
+    path = cache_dir / f"tokens-{tokenizer.name}-{key}.npy"
     if path.exists():
         return np.load(path)
-    texts = [f.read_bytes() for f in tqdm(files, desc=f"reading {len(files)} files", leave=False)]
-    tokens = tokenizer.encode_documents(texts)
+    tokens = tokenizer.encode_documents(make_documents())
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.npy")
     np.save(tmp, tokens)
@@ -123,16 +165,35 @@ def load_hf_texts(name: str, split: str, text_field: str = "text", max_docs: int
 
 
 class TokenWindows(Dataset):
-    """Non-overlapping windows of `seq_len + 1` tokens; the model shifts them into inputs/targets."""
+    """Non-overlapping windows of `seq_len + 1` tokens; the model shifts them into inputs/targets. With a
+    `domain` (an index into the text domains) every window says which it is."""
 
-    def __init__(self, tokens: np.ndarray, seq_len: int):
+    def __init__(self, tokens: np.ndarray, seq_len: int, domain: int | None = None):
         if len(tokens) < seq_len + 1:
-            raise ValueError(f"corpus split has {len(tokens)} tokens, fewer than seq_len + 1 = {seq_len + 1}")
-        self.tokens, self.seq_len = tokens, seq_len
+            raise ValueError(
+                f"seq_len={seq_len} is too long for this corpus: a split holds {len(tokens)} tokens, fewer than "
+                "seq_len + 1 (give more text with data.paths, or a shorter seq_len)"
+            )
+        self.tokens, self.seq_len, self.domain = tokens, seq_len, domain
 
     def __len__(self) -> int:
         return (len(self.tokens) - 1) // self.seq_len
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         window = self.tokens[i * self.seq_len : i * self.seq_len + self.seq_len + 1]
-        return {"tokens": torch.from_numpy(window.astype(np.int64))}
+        item = {"tokens": torch.from_numpy(window.astype(np.int64))}
+        return item if self.domain is None else {**item, "domain": torch.tensor(self.domain)}
+
+
+class Interleaved(Dataset):
+    """The items of several datasets in turn (0, 1, 2, 0, 1, 2, ...), as many rounds as the shortest
+    holds: a validation run limited to its first batches still sees every dataset alike."""
+
+    def __init__(self, datasets: list[Dataset]):
+        self.datasets, self.rounds = datasets, min(len(d) for d in datasets)
+
+    def __len__(self) -> int:
+        return self.rounds * len(self.datasets)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return self.datasets[i % len(self.datasets)][i // len(self.datasets)]

@@ -11,6 +11,7 @@ import pandas as pd
 import torch
 
 from adaptive_attn.data.synthetic import TASKS
+from adaptive_attn.lit.breakdown import attribute, shares
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -32,13 +33,15 @@ def current_rss_bytes() -> int:
 
 
 class SpeedMonitor(L.Callback):
-    """Logs training tokens/s and step time (first `skip_steps` steps excluded) and peak memory."""
+    """Logs training tokens/s and step time and peak memory. The first `skip_steps` steps (start-up) are
+    left out of the speed, unless the run has no other steps. With `breakdown_every` = N, every N-th step
+    is profiled and each component's share of it logged (`perf/share/<component>`; see `breakdown.py`)."""
 
-    def __init__(self, skip_steps: int = 5, log_every_n_steps: int = 10):
-        self.skip_steps, self.log_every = skip_steps, log_every_n_steps
-        self.tokens = 0
-        self.seconds = 0.0
-        self.steps = 0
+    def __init__(self, skip_steps: int = 5, log_every_n_steps: int = 10, breakdown_every: int = 0):
+        self.skip_steps, self.log_every, self.breakdown_every = skip_steps, log_every_n_steps, breakdown_every
+        self._profiler = None
+        self.tokens = self.steps = self.early_tokens = self.early_steps = 0
+        self.seconds = self.early_seconds = 0.0
         self.peak_rss = 0  # this job's largest resident set size, sampled after each step (CPU)
         self._start = 0.0
 
@@ -47,6 +50,9 @@ class SpeedMonitor(L.Callback):
             torch.cuda.reset_peak_memory_stats(trainer.strategy.root_device)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self.breakdown_every and trainer.global_step % self.breakdown_every == self.breakdown_every - 1:
+            self._profiler = torch.autograd.profiler.profile(use_kineto=False)
+            self._profiler.__enter__()
         if trainer.strategy.root_device.type == "cuda":
             torch.cuda.synchronize()
         self._start = time.perf_counter()
@@ -55,27 +61,44 @@ class SpeedMonitor(L.Callback):
         if trainer.strategy.root_device.type == "cuda":
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - self._start
+        if self._profiler is not None:
+            self._profiler.__exit__(None, None, None)
+            parts = shares(attribute(self._profiler.function_events, 1000 * elapsed))
+            pl_module.log_dict({f"perf/share/{name}": value for name, value in parts.items()})
+            self._profiler = None
+            return  # a profiled step is slower: left out of the speed
         self.peak_rss = max(self.peak_rss, current_rss_bytes())
+        tokens = (batch["tokens"].shape[1] - 1) * batch["tokens"].shape[0] * trainer.world_size
         if trainer.global_step <= self.skip_steps:
+            self.early_tokens, self.early_seconds, self.early_steps = (
+                self.early_tokens + tokens,
+                self.early_seconds + elapsed,
+                self.early_steps + 1,
+            )
             return
-        self.tokens += (batch["tokens"].shape[1] - 1) * batch["tokens"].shape[0] * trainer.world_size
-        self.seconds += elapsed
-        self.steps += 1
+        self.tokens, self.seconds, self.steps = self.tokens + tokens, self.seconds + elapsed, self.steps + 1
         if trainer.global_step % self.log_every == 0:
             pl_module.log_dict(self.metrics(trainer.strategy.root_device))
 
     def metrics(self, device: torch.device) -> dict[str, float]:
+        tokens, seconds, steps = (
+            (self.tokens, self.seconds, self.steps)
+            if self.steps
+            else (self.early_tokens, self.early_seconds, self.early_steps)
+        )
         return {
-            "perf/tokens_per_s": self.tokens / max(self.seconds, 1e-9),
-            "perf/step_ms": 1000 * self.seconds / max(self.steps, 1),
+            "perf/tokens_per_s": tokens / max(seconds, 1e-9),
+            "perf/step_ms": 1000 * seconds / max(steps, 1),
             "perf/peak_mem_bytes": float(peak_memory_bytes(device) if device.type == "cuda" else self.peak_rss),
         }
 
     def state_dict(self):
-        return {"tokens": self.tokens, "seconds": self.seconds, "steps": self.steps}
+        names = ("tokens", "seconds", "steps", "early_tokens", "early_seconds", "early_steps")
+        return {name: getattr(self, name) for name in names}
 
     def load_state_dict(self, state):
-        self.tokens, self.seconds, self.steps = state["tokens"], state["seconds"], state["steps"]
+        for name, value in state.items():
+            setattr(self, name, value)
 
 
 def layer_scalars(sparsity: list[dict] | None) -> dict[str, dict[int, float]]:

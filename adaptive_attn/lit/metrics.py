@@ -6,6 +6,7 @@ from collections import defaultdict
 
 import torch
 
+from adaptive_attn.data.domains import TEXT_DOMAINS
 from adaptive_attn.data.synthetic import TASKS, needed_mask
 
 POSITION_BUCKETS = 4  # quarters of the sequence: late positions are where long context is used
@@ -41,6 +42,9 @@ class EvalSlices:
         if "task" in batch:
             names = [slice_name(k, d) for k, d in zip(batch["task"][b].tolist(), batch["difficulty"][b].tolist())]
             self.add_grouped("acc", correct, names)
+        if "domain" in batch:
+            names = [f"domain_{TEXT_DOMAINS[d]}" for d in batch["domain"][b].tolist()]
+            self.add_grouped("loss", losses, names)
 
     def update_needed_recall(self, batch: dict, selections: list[torch.Tensor], scored: torch.Tensor) -> None:
         """selections: each sparse layer's attended positions [B, L, L] (bool)."""

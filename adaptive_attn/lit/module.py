@@ -33,6 +33,7 @@ class SparseLMModule(L.LightningModule):
         lr: float = 3e-3,
         min_lr_ratio: float = 0.1,
         lr_warmup_steps: int = 50,
+        dense_warmup_steps: int = 30,
         weight_decay: float = 0.1,
         betas: tuple[float, float] = (0.9, 0.95),
         indexer_kl_weight: float = 1.0,
@@ -60,7 +61,8 @@ class SparseLMModule(L.LightningModule):
         return loss, aux, logits, targets[scored], scored
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
-        self.model.set_training_step(self.global_step)
+        # DSA's first stage: dense attention while the indexer learns from whole rows
+        self.model.set_sparse_stage(self.global_step >= self.hparams.dense_warmup_steps)
 
     def training_step(self, batch, batch_idx: int) -> dict:
         """-> the loss, and each DSA layer's statistics of the step ("sparsity", for callbacks)"""

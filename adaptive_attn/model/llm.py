@@ -14,6 +14,7 @@ from torch import nn
 
 from adaptive_attn.model.mla import MultiHeadLatentAttention
 from adaptive_attn.model.moe import DeepSeekMoE
+from adaptive_attn.nn.component import component
 from adaptive_attn.nn.conv import ShortConv
 from adaptive_attn.nn.norm import RMSNorm
 from adaptive_attn.nn.rope import RotaryEmbedding
@@ -33,7 +34,8 @@ class Block(nn.Module):
         """x: [B, L, D] -> [B, L, D], aux losses"""
         a, aux = self.attn(self.conv(self.attn_norm(x)), cos, sin)
         x = x + a
-        m, balance = self.moe(self.moe_norm(x))
+        with component("moe"):
+            m, balance = self.moe(self.moe_norm(x))
         return x + m, {**aux, "balance_loss": balance}
 
 
@@ -116,10 +118,11 @@ class MoELLM(nn.Module):
     def sparse_layers(self) -> Iterator[DeepSeekSparseAttention]:
         return (b.attn.dsa for b in self.blocks if b.attn.dsa is not None)
 
-    def set_training_step(self, step: int) -> None:
-        """Switch each DSA layer from dense warm-up to its sparse stage once `step` reaches its warm-up."""
+    def set_sparse_stage(self, active: bool) -> None:
+        """Switch every DSA layer to its sparse stage, or back to the dense warm-up (attention dense, the
+        indexer trained on whole rows)."""
         for dsa in self.sparse_layers():
-            dsa.sparse_active.fill_(step >= dsa.dense_warmup_steps)
+            dsa.sparse_active.fill_(active)
 
     def after_training_step(self, sparsity: list[dict] | None = None) -> None:
         """Non-gradient updates after each optimiser step: MoE router biases, and each sparse budget from

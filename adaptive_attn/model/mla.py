@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from adaptive_attn.nn.component import component
 from adaptive_attn.nn.norm import RMSNorm
 from adaptive_attn.nn.rope import apply_rope
 
@@ -95,12 +96,14 @@ class MultiHeadLatentAttention(nn.Module):
         q_nope, q_rope, c_kv, k_rope = self.project(x, cos, sin)
         aux: dict = {}
         if self.dsa is None:
-            o = self.expanded_attention(q_nope, q_rope, c_kv, k_rope)
+            with component("dense_attention"):
+                o = self.expanded_attention(q_nope, q_rope, c_kv, k_rope)
         else:
             q_abs, latents = self.absorb(q_nope, q_rope, c_kv, k_rope)
             o_latent, aux = self.dsa(x, q_abs, latents, scale=self.scale, v_dim=self.kv_rank)
             if o_latent is None:  # dense warm-up stage: the indexer trains, attention stays dense
-                o = self.expanded_attention(q_nope, q_rope, c_kv, k_rope)
+                with component("dense_attention"):
+                    o = self.expanded_attention(q_nope, q_rope, c_kv, k_rope)
             else:
                 o = self.up_project(o_latent)
         return self.out(o.transpose(1, 2).reshape(B, L, -1)), aux

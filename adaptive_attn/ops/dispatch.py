@@ -65,7 +65,7 @@ def check_backend(backend: str, block_size: int, query_block: int) -> None:
 def resolve_backend(backend: str, device: torch.device, block_size: int = 1, query_block: int | None = None) -> str:
     """`auto` -> on CUDA the fused kernels (Triton for tokens, FlexAttention for blocks that fit its tiles),
     else `torch`; any other backend as it is, once its rule holds."""
-    query_block = query_block or block_size
+    query_block = block_size if query_block is None else query_block
     check_backend(backend, block_size, query_block)
     if backend != "auto":
         return backend

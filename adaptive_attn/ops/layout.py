@@ -31,7 +31,7 @@ def check_blocks(block_size: int, query_block: int) -> None:
 
 class SparseLayout:
     def __init__(self, seq_len: int, block_size: int = 1, query_block: int | None = None, device="cpu"):
-        query_block = query_block or block_size
+        query_block = block_size if query_block is None else query_block
         check_blocks(block_size, query_block)
         self.seq_len, self.block_size, self.query_block = seq_len, block_size, query_block
         self.device = torch.device(device)

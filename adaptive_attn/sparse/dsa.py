@@ -2,8 +2,8 @@
 
 Lives inside an MLA layer and receives its absorbed queries and shared latent rows. The indexer reads a
 detached copy of the hidden state, so the LM loss trains the model and the indexer KL trains the
-indexer. Until `sparse_active` is switched on (after `dense_warmup_steps`, by the model), it only
-trains the indexer on full causal rows and the layer attends densely.
+indexer. While `sparse_active` is off (the dense warm-up stage of training, set by the training module
+through the model), it only trains the indexer on full causal rows and the layer attends densely.
 
 A budget that returns a differentiable k (the adaptive controller) is trained by the LM loss through a
 soft rank mask on the selected logits: slot j (the j-th best selected column) gets the logit bias
@@ -21,6 +21,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from adaptive_attn.nn.component import component
 from adaptive_attn.ops.dispatch import backend_function, check_backend, sparse_attention
 from adaptive_attn.ops.layout import SparseLayout, check_blocks
 from adaptive_attn.sparse import losses
@@ -60,19 +61,18 @@ class DeepSeekSparseAttention(nn.Module):
         block_size: int = 1,
         query_block: int | None = None,
         backend: str = "auto",
-        dense_warmup_steps: int = 0,
         soft_rank_tau: float = 0.1,
         measure_recall: bool = True,
         sink_tokens: int = 0,
     ):
         super().__init__()
-        self.block_size, self.query_block = block_size, query_block or block_size
+        self.block_size, self.query_block = block_size, block_size if query_block is None else query_block
         check_blocks(self.block_size, self.query_block)
         check_backend(backend, self.block_size, self.query_block)
         self.indexer, self.budget, self.selector = indexer, budget, TopKTokenSelector(sink_tokens)
-        self.backend, self.dense_warmup_steps, self.soft_rank_tau = backend, dense_warmup_steps, soft_rank_tau
+        self.backend, self.soft_rank_tau = backend, soft_rank_tau
         self.measure_recall = measure_recall  # in evaluation only: one dense attention pass per layer
-        self.register_buffer("sparse_active", torch.tensor(dense_warmup_steps == 0))
+        self.register_buffer("sparse_active", torch.tensor(True))
         self._attention: dict[torch.device, Callable] = {}  # the backend, resolved once per device
 
     def layout(self, seq_len: int, device: torch.device) -> SparseLayout:
@@ -95,31 +95,35 @@ class DeepSeekSparseAttention(nn.Module):
         warm-up, aux: "indexer_kl" (the indexer's loss) and "stats" (this call's detached statistics))"""
         x = x.detach()
         layout = self.layout(x.shape[1], x.device)
-        scores = self.indexer(x, layout)
+        with component("indexer"):
+            scores = self.indexer(x, layout)
         if not bool(self.sparse_active):
-            kl = losses.kl_dense(q.detach(), latents.detach(), scores, layout, scale=scale)
+            with component("indexer_kl"):
+                kl = losses.kl_dense(q.detach(), latents.detach(), scores, layout, scale=scale)
             dense = torch.ones((), dtype=torch.float64)
             stats = {"indexer_kl": kl.detach(), "pairs_share": dense, "equivalent_keep": dense}
             return None, {"indexer_kl": kl, "stats": stats}
-        # the oracle control selects by the true dense attention; every other budget by the indexer
-        chooser = (
-            self.budget.attention_scores(q, latents, layout, scale)
-            if hasattr(self.budget, "attention_scores")
-            else scores
-        )
-        k = self.budget(x, chooser, layout)
-        k_hard = layout.hard_columns(k)
-        indices = self.selector(chooser, k_hard, layout)
-        bias = self.rank_bias(k, indices.shape[-1]) if torch.is_tensor(k) and k.requires_grad else None
-        attend = self.attention(q.device)
-        out, slot_probs = sparse_attention(
-            q, latents, indices, layout, scale=scale, v_dim=v_dim, backend=attend, slot_bias=bias
-        )
-        kl = losses.kl_selected(q.detach(), latents.detach(), scores, indices, slot_probs, layout, scale=scale)
+        with component("budget"):
+            # the oracle control selects by the true dense attention; every other budget by the indexer
+            oracle = hasattr(self.budget, "attention_scores")
+            chooser = self.budget.attention_scores(q, latents, layout, scale) if oracle else scores
+            k = self.budget(x, chooser, layout)
+            k_hard = layout.hard_columns(k)
+        with component("selection"):
+            indices = self.selector(chooser, k_hard, layout)
+        with component("sparse_attention"):
+            bias = self.rank_bias(k, indices.shape[-1]) if torch.is_tensor(k) and k.requires_grad else None
+            attend = self.attention(q.device)
+            out, slot_probs = sparse_attention(
+                q, latents, indices, layout, scale=scale, v_dim=v_dim, backend=attend, slot_bias=bias
+            )
+        with component("indexer_kl"):
+            kl = losses.kl_selected(q.detach(), latents.detach(), scores, indices, slot_probs, layout, scale=scale)
         stats = {"indexer_kl": kl.detach(), **selection_stats(indices, k_hard, layout, self.budget.target_keep(layout))}
         stats.update(self.budget.stats())
         if self.measure_recall and not self.training:
-            stats.update(self.recall(q, latents, indices, torch.rand_like(scores), k_hard, layout, scale))
+            with component("recall"):
+                stats.update(self.recall(q, latents, indices, torch.rand_like(scores), k_hard, layout, scale))
         return out, {"indexer_kl": kl, "stats": stats}
 
     @torch.no_grad()

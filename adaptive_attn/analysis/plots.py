@@ -1,0 +1,139 @@
+"""Plots of a sweep: metrics against length, convergence curves, quality against compute, k."""
+
+from pathlib import Path
+
+import pandas as pd
+
+from adaptive_attn.analysis.results import aggregate, load_curves, load_k_vs_difficulty
+
+
+def plot_sweep(runs: pd.DataFrame, out_dir: str | Path) -> list[Path]:
+    """Line plots over seq_len per model (val loss, accuracy, tokens/s, peak memory, pairs share), k
+    histograms per layer and k vs difficulty. Returns the written PNG paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = [plot_metrics_vs_seq_len(aggregate(runs), out_dir / "metrics_vs_seq_len.png")]
+    curves = load_curves(runs)
+    if not curves.empty:
+        written.append(plot_convergence(curves, out_dir / "convergence.png"))
+    if "pairs_share" in runs and runs["pairs_share"].notna().any():
+        written.append(plot_pareto(runs, out_dir / "quality_vs_compute.png"))
+    k = load_k_vs_difficulty(runs)
+    if not k.empty:
+        written.append(plot_k(k, out_dir / "k_histograms_and_difficulty.png"))
+    return written
+
+
+def plot_convergence(curves: pd.DataFrame, path: Path) -> Path:
+    """Validation accuracy (loss where there is no accuracy) against steps and against training seconds,
+    one panel per length, mean over seeds with a min-max band."""
+    import matplotlib.pyplot as plt
+
+    metric = "acc" if curves["acc"].notna().any() and curves["acc"].max() > 0 else "loss"
+    lengths = sorted(curves["seq_len"].unique())
+    fig, axes = plt.subplots(2, len(lengths), figsize=(4.2 * len(lengths), 6.4), squeeze=False)
+    for col, seq_len in enumerate(lengths):
+        for model, frame in curves[curves["seq_len"] == seq_len].groupby("model"):
+            by_step = frame.groupby("step")
+            for row, x in enumerate((by_step["step"].first(), by_step["wall_s"].mean())):
+                ax = axes[row][col]
+                ax.plot(x.values, by_step[metric].mean().values, label=model)
+                ax.fill_between(x.values, by_step[metric].min().values, by_step[metric].max().values, alpha=0.2)
+        axes[0][col].set_title(f"L = {seq_len}")
+        axes[0][col].set_xlabel("step")
+        axes[1][col].set_xlabel("training seconds")
+        for row in range(2):
+            axes[row][col].set_ylabel(f"val {metric}")
+            axes[row][col].grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle("convergence: mean over seeds, band = min..max")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_pareto(runs: pd.DataFrame, path: Path) -> Path:
+    """Quality against compute (the share of causal query-key pairs attended), per length: each model a
+    point (mean ± 95% CI over seeds); the fixed budgets joined, a frontier that adapting should beat."""
+    import matplotlib.pyplot as plt
+
+    agg = aggregate(runs, metrics=["pairs_share", "val_acc", "val_loss"])
+    quality = "val_acc" if ("val_acc", "mean") in agg and agg[("val_acc", "mean")].max() > 0 else "val_loss"
+    lengths = sorted(agg.index.get_level_values("seq_len").unique())
+    fig, axes = plt.subplots(1, len(lengths), figsize=(4.2 * len(lengths), 3.6), squeeze=False)
+    for ax, seq_len in zip(axes[0], lengths):
+        frame = agg.xs(seq_len, level="seq_len")
+        x = frame[("pairs_share", "mean")].fillna(1.0)  # dense attends every pair
+        y, err = frame[(quality, "mean")], frame[(quality, "ci95")].fillna(0)
+        for model in frame.index:
+            ax.errorbar(x[model], y[model], yerr=err[model], marker="o", capsize=3, label=model)
+        fixed = sorted((x[m], y[m]) for m in frame.index if m.startswith("fixed") or m == "dense")
+        if len(fixed) > 1:
+            ax.plot(*zip(*fixed), color="grey", linestyle="--", linewidth=1)
+        ax.set_title(f"L = {seq_len}")
+        ax.set_xlabel("share of causal pairs attended")
+        ax.set_ylabel(quality)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_metrics_vs_seq_len(agg: pd.DataFrame, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    panels = [
+        m
+        for m in ("val_loss", "val_acc", "tokens_per_s", "peak_mem_bytes", "pairs_share")
+        if m in agg.columns.get_level_values(0)
+    ]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
+    for ax, metric in zip(axes[0], panels):
+        for model, frame in agg.groupby(level="model"):
+            x = frame.index.get_level_values("seq_len")
+            ax.errorbar(
+                x, frame[(metric, "mean")], yerr=frame[(metric, "ci95")].fillna(0), marker="o", capsize=3, label=model
+            )
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("seq_len")
+        ax.set_title(metric + (" (bytes)" if metric == "peak_mem_bytes" else ""))
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle("mean ± 95% CI over seeds")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_k(k: pd.DataFrame, path: Path) -> Path:
+    """Histograms of each sequence's k per layer, and mean k against difficulty, per model."""
+    import matplotlib.pyplot as plt
+
+    layers = sorted(c for c in k.columns if c.startswith("k_layer"))
+    fig, axes = plt.subplots(1, len(layers) + 1, figsize=(3.6 * (len(layers) + 1), 3.2), squeeze=False)
+    for ax, layer in zip(axes[0], layers):
+        for model, frame in k.groupby("model"):
+            values = frame[layer].dropna()  # runs that did not record this layer
+            if len(values):
+                ax.hist(values, bins=30, alpha=0.6, label=model)
+        ax.set_title(f"k per sequence, {layer.removeprefix('k_')}")
+    ax = axes[0][-1]
+    for (model, task), frame in k.groupby(["model", "task"]):
+        means = frame.groupby("difficulty")["k"].mean()
+        ax.plot(means.index, means.values, marker=".", label=f"{model} {task}")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("difficulty (recall: pairs; counting: alphabet)")
+    ax.set_ylabel("mean k")
+    ax.set_title("k vs difficulty")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,77 @@
+"""Resuming a run in its own directory: which checkpoint, and whether it is the same run.
+
+Every run records what defines it (`run_config.yaml`: model, data, seq_len, seed, optimiser) in its
+directory. A resume (`ckpt_path=last` or a checkpoint file) must agree with that record; `last` must find
+`checkpoints/last.ckpt` there. Both are checked before anything is written.
+"""
+
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from adaptive_attn.config import ConfigError
+
+IDENTITY = ("model", "data", "seq_len", "seed", "module")  # what makes a run this run
+RECORD = "run_config.yaml"
+
+
+def checkpoint_to_resume(cfg: DictConfig, out_dir: Path) -> str | None:
+    """ckpt_path: null (a fresh run), `last` (this run directory's last checkpoint) or a checkpoint file ->
+    the file to resume from; ConfigError when there is none."""
+    if cfg.ckpt_path is None:
+        return None
+    path = out_dir / "checkpoints" / "last.ckpt" if cfg.ckpt_path == "last" else Path(cfg.ckpt_path)
+    if not path.is_file():
+        where = f"no checkpoints/last.ckpt in {out_dir}" if cfg.ckpt_path == "last" else f"no file {path}"
+        hint = "resume in the run's directory: hydra.run.dir=<run dir>"
+        raise ConfigError(f"ckpt_path={cfg.ckpt_path}: {where} ({hint})")
+    return str(path)
+
+
+def identity(cfg: DictConfig) -> dict:
+    """The keys that define a run, flattened (unresolved: `${trainer.max_steps}` stays a reference)."""
+    flat: dict = {}
+
+    def walk(prefix: str, node) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                walk(f"{prefix}.{key}" if prefix else str(key), value)
+        else:
+            flat[prefix] = node
+
+    walk("", {k: OmegaConf.to_container(cfg, resolve=False).get(k) for k in IDENTITY})
+    return flat
+
+
+def differences(cfg: DictConfig, out_dir: Path) -> str | None:
+    """How cfg differs from the run recorded in out_dir (None when it does not, or nothing is recorded)."""
+    record = out_dir / RECORD
+    if not record.is_file():
+        return None
+    before, now = identity(OmegaConf.load(record)), identity(cfg)
+    differ = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
+    if not differ:
+        return None
+    groups: dict[str, list[str]] = {}  # by their first two components: model.sparse.* in one entry
+    for key in sorted(differ, key=lambda k: (k.count("."), k)):
+        groups.setdefault(".".join(key.split(".")[:2]), []).append(key)
+    return ", ".join(
+        f"{keys[0]}: {before.get(keys[0])!r} -> {now.get(keys[0])!r}"
+        if keys == [group]
+        else f"{group}.* ({len(keys)} keys)"
+        for group, keys in groups.items()
+    )
+
+
+def check_same_run(cfg: DictConfig, out_dir: Path) -> None:
+    """A resume continues the run recorded in out_dir: ConfigError listing every key that differs."""
+    differ = differences(cfg, out_dir) if cfg.ckpt_path is not None else None
+    if differ:
+        raise ConfigError(f"ckpt_path={cfg.ckpt_path}: this config differs from the run in {out_dir}: {differ}")
+
+
+def record_run(cfg: DictConfig, out_dir: Path) -> None:
+    """Write what defines the run, once (a resume leaves the record as it was)."""
+    record = out_dir / RECORD
+    if not record.exists():
+        OmegaConf.save(OmegaConf.create({k: OmegaConf.to_container(cfg, resolve=False)[k] for k in IDENTITY}), record)
