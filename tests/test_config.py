@@ -64,6 +64,7 @@ BAD_VALUES = [
     ("model.sparse.query_block=0", "model.sparse.query_block=0 is invalid: must be a positive multiple"),
     ("model.sparse.block_size=8 model.sparse.query_block=12", "model.sparse.query_block=12 is invalid"),
     ("model.sparse.sink_tokens=-2", "model.sparse.sink_tokens=-2 is invalid: must be an integer >= 0"),
+    ("model.sparse.kl_row_fraction=0", "model.sparse.kl_row_fraction=0 is invalid: must be a number in (0, 1]"),
     ("model.sparse.indexer.rope_dim=3", "model.sparse.indexer.rope_dim=3 is invalid: must be an even integer"),
     ("module.lr=-1", "module.lr=-1 is invalid: must be a number in (0, 1]"),
     ("module.lr=abc", "module.lr='abc' is invalid: must be a number in (0, 1]"),

@@ -1,11 +1,13 @@
 import json
 from pathlib import Path
 
+import pytest
+
 from adaptive_attn.train import run
 
 
 def test_quick_text_run_writes_a_complete_summary(compose_cfg):
-    cfg = compose_cfg(["experiment=quick", "model=fixed25", "module.dense_warmup_steps=2"])
+    cfg = compose_cfg(["experiment=quick", "model=fixed25"])
     summary = run(cfg)
     on_disk = json.loads((Path(cfg.output_dir) / "summary.json").read_text())
     assert on_disk["status"] == "ok" and summary["status"] == "ok"
@@ -31,3 +33,15 @@ def test_failing_run_is_recorded_as_failed(compose_cfg):
         pass
     summary = json.loads((Path(cfg.output_dir) / "summary.json").read_text())
     assert summary["status"] == "failed" and summary["error"]
+
+
+@pytest.mark.parametrize("experiment", ["exp3", "exp3_cpu_synthetic", "exp3_cpu_text", "synthetic_pilot"])
+def test_experiment_configs_run_at_tiny_size(compose_cfg, experiment):
+    """The study's experiments, checked on the CPU with a tiny model and a few steps of their own data."""
+    tiny = ["model.d_model=32", "model.n_layers=1", "model.n_heads=2", "model.moe.n_routed=2", "model.moe.top_k=1"]
+    steps = ["trainer.max_steps=4", "trainer.val_check_interval=2", "trainer.limit_val_batches=1"]
+    cfg = compose_cfg([f"experiment={experiment}", "model=adaptive", *tiny, *steps, "data.batch_size=2", "seq_len=64"])
+    cfg.module.dense_warmup_steps = 2
+    summary = run(cfg)
+    assert summary["status"] == "ok" and summary["steps"] == 4 and len(summary["val_curve"]) == 2
+    assert summary["equivalent_keep"] < 1  # the sparse stage ran

@@ -134,9 +134,10 @@ class MoELLM(nn.Module):
 
 
 class DenseMoELLM(MoELLM):
-    """Dense MLA attention everywhere: the baseline."""
+    """Dense MLA attention everywhere: the baseline. A `sparse` section (an experiment's settings for the
+    sparse models of its sweep, such as block sizes) does not apply to it."""
 
-    def __init__(self, vocab_size: int, **kwargs):
+    def __init__(self, vocab_size: int, sparse: dict | None = None, **kwargs):
         super().__init__(vocab_size, sparse=None, budget=None, **kwargs)
 
 

@@ -64,6 +64,7 @@ class DeepSeekSparseAttention(nn.Module):
         soft_rank_tau: float = 0.1,
         measure_recall: bool = True,
         sink_tokens: int = 0,
+        kl_row_fraction: float = 1.0,
     ):
         super().__init__()
         self.block_size, self.query_block = block_size, block_size if query_block is None else query_block
@@ -72,6 +73,7 @@ class DeepSeekSparseAttention(nn.Module):
         self.indexer, self.budget, self.selector = indexer, budget, TopKTokenSelector(sink_tokens)
         self.backend, self.soft_rank_tau = backend, soft_rank_tau
         self.measure_recall = measure_recall  # in evaluation only: one dense attention pass per layer
+        self.kl_row_fraction = kl_row_fraction  # block mode, training: the indexer KL from a draw of the rows
         self.register_buffer("sparse_active", torch.tensor(True))
         self._attention: dict[torch.device, Callable] = {}  # the backend, resolved once per device
 
@@ -118,7 +120,10 @@ class DeepSeekSparseAttention(nn.Module):
                 q, latents, indices, layout, scale=scale, v_dim=v_dim, backend=attend, slot_bias=bias
             )
         with component("indexer_kl"):
-            kl = losses.kl_selected(q.detach(), latents.detach(), scores, indices, slot_probs, layout, scale=scale)
+            fraction = self.kl_row_fraction if self.training else 1.0
+            kl = losses.kl_selected(
+                q.detach(), latents.detach(), scores, indices, slot_probs, layout, scale=scale, row_fraction=fraction
+            )
         stats = {"indexer_kl": kl.detach(), **selection_stats(indices, k_hard, layout, self.budget.target_keep(layout))}
         stats.update(self.budget.stats())
         if self.measure_recall and not self.training:

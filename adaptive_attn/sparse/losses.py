@@ -8,6 +8,8 @@ Block mode compares distributions over the key blocks before each query block, w
 summed over that block's queries. Everything runs in query chunks to bound memory.
 """
 
+import math
+
 import torch
 
 from adaptive_attn.ops.layout import SparseLayout
@@ -68,36 +70,43 @@ def kl_dense(q, latents, scores, layout: SparseLayout, *, scale, chunk_size=128)
     return s / max(n, 1)
 
 
-def kl_selected(q, latents, scores, indices, slot_probs, layout: SparseLayout, *, scale) -> torch.Tensor:
+def kl_selected(q, latents, scores, indices, slot_probs, layout: SparseLayout, *, scale, row_fraction=1.0):
     """Sparse-stage KL over each row's selected columns. indices [B, R, K]; slot_probs [B, L, K]: the
-    main attention's head-averaged probabilities of the selected tokens (token mode, from the op)."""
+    main attention's head-averaged probabilities of the selected tokens (token mode, from the op).
+    Block mode recomputes the target over the gathered blocks, for a random `row_fraction` of the rows
+    (see `_block_kl_selected`)."""
     if layout.token_level:
         s, n = _kl(_normalise(slot_probs), scores.gather(-1, indices.clamp(min=0)))
         return s / max(n, 1)
-    return _block_kl_selected(q, latents, scores, indices, layout, scale=scale)
+    return _block_kl_selected(q, latents, scores, indices, layout, scale=scale, row_fraction=row_fraction)
 
 
-def _block_kl_selected(q, latents, scores, indices, layout: SparseLayout, *, scale, chunk_size=16) -> torch.Tensor:
-    """Block mode: the target is recomputed over each query block's gathered blocks."""
-    B, H, L, D = q.shape
-    K = indices.shape[-1]
-    if K == 0:
+def _block_kl_selected(q, latents, scores, indices, layout: SparseLayout, *, scale, row_fraction=1.0):
+    """Block mode: the mean KL over the (sequence, query block) rows that selected a block, estimated from
+    a uniform draw of m = ceil(row_fraction * C) of the C query blocks that have such rows: the sum over
+    the drawn blocks, times C / m, over the count of all such rows. Each block is drawn with probability
+    m / C, so the estimate is unbiased; its cost is m blocks' instead of C blocks' attention."""
+    supported = (indices >= 0).any(-1)  # [B, R]
+    candidates = supported.any(0).nonzero().flatten()
+    if len(candidates) == 0:
         return scores.new_zeros(())
+    m = max(1, math.ceil(row_fraction * len(candidates)))
+    drawn = candidates if m == len(candidates) else candidates[torch.randperm(len(candidates))[:m].sort().values]
     q, latents = layout.pad(q, 2), layout.pad(latents, 1)
-    total, rows = scores.new_zeros(()), 0
-    real = (torch.arange(layout.padded_len, device=q.device) < L).view(layout.n_rows, layout.query_block)
-    for qb0 in range(0, layout.n_rows, chunk_size):
-        qb1 = min(qb0 + chunk_size, layout.n_rows)
+    real = (torch.arange(layout.padded_len, device=q.device) < layout.seq_len).view(layout.n_rows, -1)  # not padding
+    total = scores.new_zeros(())
+    for r in drawn.tolist():
         with torch.no_grad():
-            keys, mask = layout.gather_key_blocks(latents, indices, qb0, qb1)
-            logits = torch.einsum("bcqhd,bcsd->bcqhs", layout.query_blocks(q)[:, qb0:qb1], keys) * scale
-            probs = logits.masked_fill(~mask[:, :, :, None], float("-inf")).softmax(-1).mean(3).flatten(0, 1)
-            probs = probs * real[qb0:qb1].repeat(B, 1)[..., None]  # [B*C, Q, S]
-            mass = probs.sum(1).view(B, qb1 - qb0, -1, layout.block_size).sum(-1)[..., :K]
-            target = _normalise(mass * (indices[:, qb0:qb1] >= 0))
-        s, n = _kl(target, scores[:, qb0:qb1].gather(-1, indices[:, qb0:qb1].clamp(min=0)))
-        total, rows = total + s, rows + n
-    return total / max(rows, 1)
+            keys, mask = layout.gather_key_blocks(
+                latents, indices, r, r + 1, shared_mask=bool((indices[:, r] >= 0).all())
+            )
+            logits = torch.einsum("bqhd,bsd->bqhs", layout.query_blocks(q)[:, r], keys[:, 0]) * scale
+            probs = logits.masked_fill(~mask[:, 0, :, None], float("-inf")).softmax(-1).mean(2)  # [B, Q, S]
+            mass = (probs * real[r, None, :, None]).sum(1).view(q.shape[0], -1, layout.block_size).sum(-1)
+            target = _normalise(mass[:, : indices.shape[-1]] * (indices[:, r] >= 0))
+        s, _ = _kl(target, scores[:, r].gather(-1, indices[:, r].clamp(min=0)))
+        total = total + s
+    return total * (len(candidates) / m) / int(supported.sum())
 
 
 @torch.no_grad()
