@@ -13,7 +13,7 @@ PY=${PYTHON:-python3}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
-timeout 210 $PY -m pytest -q -p no:cacheprovider tests/test_triton.py tests/test_sparse.py -k "triton or flex or backend" \
+timeout 210 $PY -m pytest -q -p no:cacheprovider tests/test_triton.py tests/test_backends.py -k "triton or flex or backend" \
     2>&1 | tee "$OUT/gpu_tests.log" | tail -15
 timeout 300 $PY benchmarks/attention.py --device cuda --dtype bfloat16 --batch 1 --heads 16 --head-dim 128 \
     --d-model 1024 --indexer-heads 8 --indexer-dim 64 --block-size 64 --query-block 128 \

@@ -97,7 +97,13 @@ def test_soft_rank_mask_leaves_the_forward_pass_unchanged():
 
 @pytest.mark.parametrize(
     "model_name,extra",
-    [("adaptive", []), ("adaptive_topp", []), ("adaptive", ["model.sparse.block_size=8"])],
+    [
+        ("adaptive", []),
+        ("adaptive_topp", []),
+        ("adaptive", ["model.sparse.block_size=8"]),
+        ("oracle", []),
+        ("shuffled", ["data.batch_size=8"]),
+    ],
 )
 def test_short_run_holds_the_equivalent_keep_at_target(compose_cfg, model_name, extra):
     cfg = compose_cfg(

@@ -7,6 +7,17 @@ import pandas as pd
 from adaptive_attn.analysis.results import aggregate, load_curves, load_k_vs_difficulty
 
 
+def save(fig, path: Path, title: str | None = None) -> Path:
+    import matplotlib.pyplot as plt
+
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot_sweep(runs: pd.DataFrame, out_dir: str | Path) -> list[Path]:
     """Line plots over seq_len per model (val loss, accuracy, tokens/s, peak memory, pairs share), k
     histograms per layer and k vs difficulty. Returns the written PNG paths."""
@@ -19,7 +30,8 @@ def plot_sweep(runs: pd.DataFrame, out_dir: str | Path) -> list[Path]:
     curves = load_curves(runs)
     if not curves.empty:
         written.append(plot_convergence(curves, out_dir / "convergence.png"))
-    if "pairs_share" in runs and runs["pairs_share"].notna().any():
+    ok = runs[runs["status"] == "ok"]
+    if "pairs_share" in ok and ok["pairs_share"].notna().any():
         written.append(plot_pareto(runs, out_dir / "quality_vs_compute.png"))
     k = load_k_vs_difficulty(runs)
     if not k.empty:
@@ -49,11 +61,7 @@ def plot_convergence(curves: pd.DataFrame, path: Path) -> Path:
             axes[row][col].set_ylabel(f"val {metric}")
             axes[row][col].grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
-    fig.suptitle("convergence: mean over seeds, band = min..max")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(fig, path, "convergence: mean over seeds, band = min..max")
 
 
 def plot_pareto(runs: pd.DataFrame, path: Path) -> Path:
@@ -79,10 +87,7 @@ def plot_pareto(runs: pd.DataFrame, path: Path) -> Path:
         ax.set_ylabel(quality)
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(fig, path)
 
 
 def plot_metrics_vs_seq_len(agg: pd.DataFrame, path: Path) -> Path:
@@ -105,11 +110,7 @@ def plot_metrics_vs_seq_len(agg: pd.DataFrame, path: Path) -> Path:
         ax.set_title(metric + (" (bytes)" if metric == "peak_mem_bytes" else ""))
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
-    fig.suptitle("mean ± 95% CI over seeds")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(fig, path, "mean ± 95% CI over seeds")
 
 
 def plot_k(k: pd.DataFrame, path: Path) -> Path:
@@ -133,7 +134,4 @@ def plot_k(k: pd.DataFrame, path: Path) -> Path:
     ax.set_ylabel("mean k")
     ax.set_title("k vs difficulty")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(fig, path)

@@ -127,6 +127,16 @@ def equal_compute_pairs(runs: pd.DataFrame) -> list[tuple[str, str]]:
     return pairs
 
 
+def slice_table(runs: pd.DataFrame, prefix: str) -> pd.DataFrame:
+    """Mean over seeds of every validation slice whose column starts with `prefix` (e.g. "val_acc/" for
+    accuracy by task and difficulty, "val_needed_recall/" for needed-key recall), per model and length."""
+    columns = sorted(c for c in runs if c.startswith(prefix) and "/layer" not in c and "/pos" not in c)
+    if not columns:
+        return pd.DataFrame()
+    table = runs[runs["status"] == "ok"].groupby(["model", "seq_len"])[columns].mean()
+    return table.rename(columns=lambda c: c.removeprefix(prefix)).round(3)
+
+
 def load_k_vs_difficulty(runs: pd.DataFrame) -> pd.DataFrame:
     """Per-sequence k and MQAR difficulty of every run that recorded them (k_vs_difficulty.csv)."""
     frames = []
@@ -165,7 +175,7 @@ def analyse(sweep_dir: str | Path, out_dir: str | Path | None = None, plots: boo
     lines = [
         f"# Sweep {sweep_dir}",
         "",
-        f"{(runs['status'] == 'ok').sum()} ok, {(runs['status'] != 'ok').sum()} failed",
+        ", ".join(f"{n} {status}" for status, n in runs["status"].value_counts().items()),
         "",
     ]
     if (runs["status"] == "ok").any():
@@ -174,6 +184,7 @@ def analyse(sweep_dir: str | Path, out_dir: str | Path | None = None, plots: boo
         pairs = equal_compute_pairs(runs) + [(m, "dense") for m in sorted(models - {"dense"}) if "dense" in models]
         metrics = [m for m in COMPARED if m in runs and runs[m].notna().any()]
         comparisons = [paired_comparison(runs, m, b, metric) for m, b in pairs for metric in metrics]
+        comparisons = [c for c in comparisons if len(c)]
         if comparisons:
             lines += [
                 "## paired differences (same seq_len and seed): equal-compute pairs, then each model against dense",
@@ -181,12 +192,21 @@ def analyse(sweep_dir: str | Path, out_dir: str | Path | None = None, plots: boo
                 pd.concat(comparisons).round(4).to_markdown(index=False),
                 "",
             ]
+        for title, prefix in (("accuracy by slice", "val_acc/"), ("needed-key recall by slice", "val_needed_recall/")):
+            table = slice_table(runs, prefix)
+            if not table.empty:
+                lines += [f"## {title} (mean over seeds)", "", table.to_markdown(), ""]
         if plots:
             from adaptive_attn.analysis.plots import plot_sweep
 
             plot_sweep(runs, out_dir)
     failed = runs[runs["status"] != "ok"]
     if len(failed):
-        lines += ["## failed runs", "", failed[["run_dir", "error"]].to_markdown(index=False), ""]
+        lines += [
+            "## runs that did not finish",
+            "",
+            failed[["run_dir", "status", "error"]].to_markdown(index=False),
+            "",
+        ]
     (out_dir / "summary.md").write_text("\n".join(lines))
     return runs
