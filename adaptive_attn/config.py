@@ -192,6 +192,7 @@ def _validate_sparse(cfg: DictConfig) -> None:
     _rule(check_backend, s.backend, block, query_block)
     _int_in(cfg, "model.sparse.sink_tokens", 0)
     _number_in(cfg, "model.sparse.kl_row_fraction", 0, 1, lo_open=True)
+    _number_in(cfg, "model.sparse.rank_row_fraction", 0, 1, lo_open=True)
     _int_in(cfg, "model.sparse.indexer.n_heads", 1)
     head_dim = _int_in(cfg, "model.sparse.indexer.head_dim", 2)
     _rule(check_rope_dim, s.indexer.get("rope_dim"), head_dim)

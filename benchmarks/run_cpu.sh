@@ -1,16 +1,35 @@
 #!/usr/bin/env bash
-# The CPU tables of README: op-level (token mode up to L=2048, block mode up to 4096) and model-level.
-#   bash benchmarks/run_cpu.sh [OUT_DIR]
+# The CPU tables of README: op level (token mode up to L=2048, block mode up to 4096) and model level
+# (training steps timed in turns, with the component breakdown and Amdahl's bound).
+#   bash benchmarks/run_cpu.sh [OUT_DIR] [op|model|all]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-results}
+PART=${2:-all}
 mkdir -p "$OUT"
 export GOMP_SPINCOUNT=0
-python benchmarks/attention.py --modes block --lengths 256 512 1024 2048 4096 --keeps 0.25 0.5 0.75 --ks 64 \
-    --json "$OUT/attention_cpu_block.json" | tee "$OUT/attention_cpu_block.txt"
-python benchmarks/attention.py --modes block --query-block 128 --lengths 2048 4096 --keeps 0.25 0.5 0.75 --ks \
-    --json "$OUT/attention_cpu_block_qb128.json" | tee "$OUT/attention_cpu_block_qb128.txt"
-python benchmarks/attention.py --modes token --lengths 256 512 1024 2048 --keeps 0.25 0.5 0.75 --ks 64 \
-    --json "$OUT/attention_cpu_token.json" | tee "$OUT/attention_cpu_token.txt"
-python benchmarks/throughput.py --models dense fixed25 fixed50 adaptive adaptive_topp --seq-len 256 --batch 8 --repeats 11 \
-    --json "$OUT/throughput_cpu.json" | tee "$OUT/throughput_cpu.txt"
+if [ "$PART" != model ]; then
+  python benchmarks/attention.py --modes block --lengths 256 512 1024 2048 4096 --keeps 0.25 0.5 0.75 --ks 64 \
+      --json "$OUT/attention_cpu_block.json" | tee "$OUT/attention_cpu_block.txt"
+  python benchmarks/attention.py --modes block --query-block 128 --lengths 2048 4096 --keeps 0.25 0.5 0.75 --ks \
+      --json "$OUT/attention_cpu_block_qb128.json" | tee "$OUT/attention_cpu_block_qb128.txt"
+  python benchmarks/attention.py --modes token --lengths 256 512 1024 2048 --keeps 0.25 0.5 0.75 --ks 64 \
+      --json "$OUT/attention_cpu_token.json" | tee "$OUT/attention_cpu_token.txt"
+fi
+if [ "$PART" != op ]; then
+  MODELS="--models dense fixed25 adaptive --repeats 9 --calibrate 60 --breakdown"
+  # the research model on text (block mode: key blocks of 64, query blocks of 128)
+  for spec in "512 8" "1024 4" "2048 2" "4096 1"; do
+    set -- $spec
+    python benchmarks/throughput.py $MODELS --seq-len "$1" --batch "$2" --overrides experiment=research_text \
+        --json "$OUT/throughput_cpu_research_L$1.json" | tee "$OUT/throughput_cpu_research_L$1.txt"
+  done
+  # the default model (d_model 256, 4 layers) at L=2048, block mode
+  python benchmarks/throughput.py $MODELS --seq-len 2048 --batch 1 \
+      --overrides data=text model.sparse.block_size=64 model.sparse.query_block=128 \
+      --json "$OUT/throughput_cpu_default_L2048.json" | tee "$OUT/throughput_cpu_default_L2048.txt"
+  # the default model in token mode at L=256
+  python benchmarks/throughput.py --models dense fixed25 fixed50 adaptive adaptive_topp --repeats 11 --calibrate 60 \
+      --breakdown --seq-len 256 --batch 8 --overrides data=text \
+      --json "$OUT/throughput_cpu_token_L256.json" | tee "$OUT/throughput_cpu_token_L256.txt"
+fi

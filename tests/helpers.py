@@ -38,13 +38,17 @@ def grads(fn, *tensors) -> list[torch.Tensor]:
     return [out, *torch.autograd.grad((out * weight).sum(), tensors)]
 
 
-def attention_and_grads(backend, q, latents, indices, layout, slot_bias=None, v_dim=6, scale=0.3, **kwargs):
-    """-> {"out", "slot_probs", "dq", "dlatents", "dbias"} of one backend (or backend function)."""
+def attention_and_grads(
+    backend, q, latents, indices, layout, slot_bias=None, v_dim=6, scale=0.3, weight=None, **kwargs
+):
+    """-> {"out", "slot_probs", "dq", "dlatents", "dbias"} of one backend (or backend function). `weight`
+    multiplies the slot bias inside the computation (zero rows: a bias without value or gradient)."""
     inputs = [q, latents] + ([slot_bias] if slot_bias is not None else [])
     fn = backend if callable(backend) else None
     name = None if fn else backend
 
     def attend(q, latents, bias=None):
+        bias = bias if bias is None or weight is None else bias * weight
         if fn is not None:
             return fn(q, latents, indices, layout, scale=scale, v_dim=v_dim, slot_bias=bias, **kwargs)
         return sparse_attention(q, latents, indices, layout, scale=scale, v_dim=v_dim, backend=name, slot_bias=bias)
@@ -69,15 +73,22 @@ def assert_backends_agree(reference: dict, other: dict, tol: float = 1e-9) -> No
 
 def assert_causal(model, seq_len, vocab=50, batch=2, cuts=None, device="cpu") -> None:
     """Changing tokens after position t must leave logits at <= t bit-identical (and change later ones),
-    in training and evaluation mode."""
+    in training and evaluation mode. Both passes see the same random state (training forward passes may
+    draw rows, e.g. for the rank mask's gradient)."""
     tokens = torch.randint(0, vocab, (batch, seq_len), device=device)
+
+    def forward(inputs):
+        with torch.random.fork_rng():
+            torch.manual_seed(1)
+            return model(inputs)[0]
+
     for mode in (True, False):
         model.train(mode)
         with torch.no_grad():
-            base, _ = model(tokens)
+            base = forward(tokens)
             for t in cuts or (0, seq_len // 3, seq_len // 2, seq_len - 2):
                 changed = tokens.clone()
                 changed[:, t + 1 :] = torch.randint(0, vocab, (batch, seq_len - t - 1), device=device)
-                out, _ = model(changed)
+                out = forward(changed)
                 assert torch.equal(out[:, : t + 1], base[:, : t + 1]), f"position <= {t} saw the future (train={mode})"
                 assert not torch.equal(out[:, t + 1 :], base[:, t + 1 :])

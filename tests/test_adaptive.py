@@ -136,3 +136,25 @@ def test_top_p_keeps_fewer_positions_where_the_indexer_is_confident():
     assert lowered < 0.9
     budget.update(0.0)  # below target -> p rises
     assert budget.p > lowered
+
+
+def test_rank_mask_gradient_from_a_draw_of_query_blocks_is_unbiased():
+    """Block mode: the controller's gradient from a draw of a quarter of the query blocks averages to the
+    gradient from all of them (within three standard errors), and single draws differ."""
+    torch.manual_seed(0)
+    model = adaptive_model("block", n_layers=1).double()
+    tokens = torch.randint(0, 50, (4, 96))
+
+    def controller_grad(fraction: float) -> torch.Tensor:
+        for dsa in model.sparse_layers():
+            dsa.rank_row_fraction = fraction
+        model.zero_grad()
+        logits, _ = model(tokens)
+        torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens.flatten()).backward()
+        return torch.cat([p.grad.flatten() for p in next(model.sparse_layers()).budget.parameters()])
+
+    full = controller_grad(1.0)
+    draws = torch.stack([controller_grad(0.25) for _ in range(150)])
+    error = (draws.mean(0) - full).abs()
+    standard_error = draws.std(0) / len(draws) ** 0.5
+    assert (draws.std(0) > 0).any() and (error <= 3 * standard_error + 1e-12).all()

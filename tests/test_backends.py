@@ -123,3 +123,19 @@ def test_flex_falls_back_to_torch_for_a_slot_bias_with_one_warning():
         out, _ = attend(q, latents, idx, layout, scale=0.3, v_dim=8, slot_bias=bias)
     ref, _ = sparse_attention(q, latents, idx, layout, scale=0.3, v_dim=8, backend="reference", slot_bias=bias)
     assert calls == ["flex"] and (out - ref).abs().max() < 1e-9
+
+
+def test_block_backend_skips_the_bias_column_only_where_the_bias_is_zero():
+    """biased_rows marks the query blocks whose bias carries a gradient: the others, zero in value and
+    gradient, attend without the bias column (and may take the causal prefix call); the result is the
+    reference's for the same bias."""
+    idx, layout = random_selection(3, 96, 4, 8, 16, per_row=True)
+    q, latents, bias = float64_inputs(3, 2, 96, 8, idx.shape)
+    biased_rows = torch.tensor([False, False, True, False, True, False])
+    weight = biased_rows.double()[None, :, None]
+    ref = attention_and_grads("reference", q, latents, idx, layout, bias, weight=weight)
+    got = attention_and_grads(
+        torch_block_attention, q, latents, idx, layout, bias, weight=weight, biased_rows=biased_rows
+    )
+    assert_backends_agree(ref, got)
+    assert ref["dbias"][:, biased_rows].abs().sum() > 0 and not ref["dbias"][:, ~biased_rows].any()

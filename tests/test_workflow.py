@@ -19,7 +19,9 @@ ROOT = Path(__file__).resolve().parent.parent
 QUICK = ["experiment=quick", "callbacks=minimal", "logger=none"]
 
 
-def multirun(sweep_dir: Path, *overrides: str, env: dict | None = None) -> subprocess.CompletedProcess:
+def multirun(
+    sweep_dir: Path, *overrides: str, env: dict | None = None, returncode: int = 0
+) -> subprocess.CompletedProcess:
     proc = subprocess.run(
         [sys.executable, "-m", "adaptive_attn.train", "-m", *overrides, f"hydra.sweep.dir={sweep_dir}"],
         capture_output=True,
@@ -28,7 +30,7 @@ def multirun(sweep_dir: Path, *overrides: str, env: dict | None = None) -> subpr
         cwd=ROOT,
         env={**os.environ, **(env or {})},
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == returncode, proc.stderr[-3000:]
     return proc
 
 
@@ -91,7 +93,8 @@ def test_sweep_end_writes_analysis_and_notebook_runs_on_it(gpu_pool_sweep):
 
 
 def test_failing_job_is_recorded_and_the_sweep_goes_on(tmp_path):
-    multirun(tmp_path, *QUICK, "model=dense", "model.moe.top_k=2,9")  # top_k=9 > 4 routed experts
+    # top_k=9 > 4 routed experts: that job fails, the other finishes, and the sweep exits non-zero
+    multirun(tmp_path, *QUICK, "model=dense", "model.moe.top_k=2,9", returncode=1)
     runs = load_runs(tmp_path).sort_values("run_dir")
     assert list(runs["status"]) == ["ok", "failed"]
     assert "model.moe.top_k=9" in runs["error"].iloc[1]

@@ -99,11 +99,13 @@ class MultiHeadLatentAttention(nn.Module):
             with component("dense_attention"):
                 o = self.expanded_attention(q_nope, q_rope, c_kv, k_rope)
         else:
-            q_abs, latents = self.absorb(q_nope, q_rope, c_kv, k_rope)
+            with component("sparse_attention"):  # MQA mode's own work: W_UK into the query, W_UV after
+                q_abs, latents = self.absorb(q_nope, q_rope, c_kv, k_rope)
             o_latent, aux = self.dsa(x, q_abs, latents, scale=self.scale, v_dim=self.kv_rank)
             if o_latent is None:  # dense warm-up stage: the indexer trains, attention stays dense
                 with component("dense_attention"):
                     o = self.expanded_attention(q_nope, q_rope, c_kv, k_rope)
             else:
-                o = self.up_project(o_latent)
+                with component("sparse_attention"):
+                    o = self.up_project(o_latent)
         return self.out(o.transpose(1, 2).reshape(B, L, -1)), aux

@@ -12,8 +12,10 @@ Backends, each in its own module, tested equal to `reference`:
   mask, which needs its gradient) go to `torch`, with one warning.
 - `auto`: on CUDA `triton` for tokens and `flex` for blocks (in multiples of 16 tokens, FlexAttention's
   smallest tile); `torch` otherwise.
-Every backend is called as `fn(q, latents, indices, layout, scale=, v_dim=, slot_bias=)` and returns
-(out [B, H, L, v_dim], head-averaged slot probabilities [B, L, K] in token mode or None).
+Every backend is called as `fn(q, latents, indices, layout, scale=, v_dim=, slot_bias=, biased_rows=)` and
+returns (out [B, H, L, v_dim], head-averaged slot probabilities [B, L, K] in token mode or None).
+`biased_rows` [R] marks the rows whose slot bias carries a gradient (the others' is zero in value and
+gradient); a backend may use it to skip work, never to change the result.
 """
 
 import importlib
@@ -87,14 +89,16 @@ def backend_function(backend: str, device: torch.device, block_size: int, query_
 def _flex_unless_biased(flex_fn: Callable) -> Callable:
     torch_fn = backend_function("torch", torch.device("cpu"), 2, 2)
 
-    def attend(q, latents, indices, layout, *, scale, v_dim, slot_bias=None):
+    def attend(q, latents, indices, layout, *, scale, v_dim, slot_bias=None, biased_rows=None):
         if slot_bias is None:
             return flex_fn(q, latents, indices, layout, scale=scale, v_dim=v_dim)
         warnings.warn(
             "flex takes no slot bias (the adaptive budget's rank mask): those calls run the torch backend",
             stacklevel=2,
         )
-        return torch_fn(q, latents, indices, layout, scale=scale, v_dim=v_dim, slot_bias=slot_bias)
+        return torch_fn(
+            q, latents, indices, layout, scale=scale, v_dim=v_dim, slot_bias=slot_bias, biased_rows=biased_rows
+        )
 
     return attend
 
@@ -117,6 +121,7 @@ def sparse_attention(
     v_dim: int,
     backend: str | Callable = "torch",
     slot_bias: torch.Tensor | None = None,
+    biased_rows: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """q [B, H, L, D], latents [B, L, D], indices [B, R, K] -> (out [B, H, L, v_dim], slot probs or None).
 
@@ -128,4 +133,5 @@ def sparse_attention(
     if isinstance(backend, str):
         backend = backend_function(backend, q.device, layout.block_size, layout.query_block)
     dtype = common_dtype(q, latents)
-    return backend(q.to(dtype), latents.to(dtype), indices, layout, scale=scale, v_dim=v_dim, slot_bias=slot_bias)
+    args = dict(scale=scale, v_dim=v_dim, slot_bias=slot_bias, biased_rows=biased_rows)
+    return backend(q.to(dtype), latents.to(dtype), indices, layout, **args)

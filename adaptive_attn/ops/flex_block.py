@@ -48,7 +48,7 @@ def selection_block_mask(indices: torch.Tensor, layout: SparseLayout) -> BlockMa
     )
 
 
-def flex_block_attention(q, latents, indices, layout: SparseLayout, *, scale, v_dim, slot_bias=None):
+def flex_block_attention(q, latents, indices, layout: SparseLayout, *, scale, v_dim, slot_bias=None, biased_rows=None):
     """q [B, H, L, D], latents [B, L, D], indices [B, nQB, K] -> (out [B, H, L, v_dim], None).
     FlexAttention takes no slot bias: the dispatcher sends biased calls to the torch backend."""
     if slot_bias is not None:

@@ -5,7 +5,7 @@ import torch
 from adaptive_attn.ops.layout import SparseLayout
 
 
-def reference_attention(q, latents, indices, layout: SparseLayout, *, scale, v_dim, slot_bias=None):
+def reference_attention(q, latents, indices, layout: SparseLayout, *, scale, v_dim, slot_bias=None, biased_rows=None):
     """q [B, H, L, D], latents [B, L, D] -> (out [B, H, L, v_dim], slot probabilities [B, L, K] or None)"""
     mask = layout.selection_mask(indices)
     scores = torch.einsum("bhld,bsd->bhls", q, latents) * scale

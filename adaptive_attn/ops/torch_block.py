@@ -6,14 +6,15 @@ one head of Q * H rows (one large product instead of H small ones; no copy when 
 [B, L, H, D] in memory, as MLA's absorbed queries are). Four things keep the work close to the
 selection's own:
 - sequences whose selections use widely different numbers of blocks go one by one (`sequence_groups`);
-- consecutive query blocks using as many slots share one SDPA call, cut at the slots they use
-  (`query_block_groups`), within a size that keeps calls large but masks small;
+- consecutive query blocks of one slot width share one SDPA call, cut at that width (`query_block_groups`,
+  `slot_width`: a block's own count rounded up by at most 1/8), within a size that keeps calls large but
+  masks small;
 - the leading query blocks that selected every block before them take one causal SDPA over their
   prefix (`whole_past_query_blocks`): no gather, no mask, only the causal half computed;
 - inputs are cut with `split`, whose backward is one concatenation, rather than sliced per call,
   whose backward writes a full-size zero gradient each time.
 A slot bias rides in one extra dimension (query 1, key bias / scale), so SDPA adds it to the logits
-and returns its gradient through the keys'.
+and returns its gradient through the keys'; only the query blocks marked `biased_rows` pay for it.
 """
 
 import torch
@@ -49,58 +50,78 @@ def whole_past_query_blocks(used: torch.Tensor, layout: SparseLayout) -> int:
     return int((used == layout.n_eligible).all(0).long().cumprod(0).sum())
 
 
-def query_block_groups(used: torch.Tensor, max_blocks: int) -> list[tuple[int, int, int]]:
-    """Consecutive query blocks sharing one number of used slots -> [(qb0, qb1, slots)], at most
-    `max_blocks` blocks each. used: [nQB] slots in use (valid slots come first). Slots beyond a
-    group's count are unused in all its rows, so its gather and attention stop there."""
-    groups: list[tuple[int, int, int]] = []
-    for qb, n in enumerate(used.tolist()):
-        if groups and groups[-1][2] == n and qb - groups[-1][0] < max_blocks:
-            groups[-1] = (groups[-1][0], qb + 1, n)
+def slot_width(n: int) -> int:
+    """The slots a query block using n gathers: n rounded up to a multiple of 2^(floor(log2 n) - 3), at most
+    1/8 more. A function of the block's own count, so its arithmetic (and every bit of its output) never
+    depends on the other blocks' budgets, while budgets that vary a little share a width."""
+    step = 1 << max(0, n.bit_length() - 4)
+    return -(-n // step) * step
+
+
+def query_block_groups(used: torch.Tensor, max_blocks: int, biased: list[bool]) -> list[tuple[int, int, int, bool]]:
+    """Consecutive query blocks sharing one slot width and one `biased` flag, attended in one call ->
+    [(qb0, qb1, slots, biased)], at most `max_blocks` blocks each. used: [nQB] slots in use (valid slots
+    come first); the slots between a block's count and its width are masked."""
+    groups: list[tuple[int, int, int, bool]] = []
+    for qb, (n, flag) in enumerate(zip(used.tolist(), biased)):
+        width = slot_width(n)
+        if groups and groups[-1][2:] == (width, flag) and qb - groups[-1][0] < max_blocks:
+            groups[-1] = (groups[-1][0], qb + 1, width, flag)
         else:
-            groups.append((qb, qb + 1, n))
+            groups.append((qb, qb + 1, width, flag))
     return groups
 
 
-def torch_block_attention(q, latents, indices, layout: SparseLayout, *, scale, v_dim, slot_bias=None, max_call=2**26):
+def torch_block_attention(
+    q, latents, indices, layout: SparseLayout, *, scale, v_dim, slot_bias=None, biased_rows=None, max_call=2**26
+):
     """q [B, H, L, D], latents [B, L, D], indices [B, nQB, K] -> (out [B, H, L, v_dim], None).
-    One SDPA call takes as many query blocks as keep its (query row, key) pairs within `max_call`."""
+    One SDPA call takes as many query blocks as keep its (query row, key) pairs within `max_call`.
+    `biased_rows` [nQB] (bool, with a slot bias) marks the query blocks whose bias carries a gradient;
+    the others' bias is zero in value and gradient, so they skip its column (by default every block)."""
     L = q.shape[2]
     q_rows, latents = layout.pad(q.transpose(1, 2), 1), layout.pad(latents, 1)  # [B, Lp, H, D], [B, Lp, D]
+    extra = slot_width(indices.shape[-1]) - indices.shape[-1]  # room for every block's width
+    indices = F.pad(indices, (0, extra), value=-1)
+    slot_bias = None if slot_bias is None else F.pad(slot_bias, (0, extra))
     groups = sequence_groups((indices >= 0).sum(-1))
     sizes = [g.stop - g.start for g in groups]
+    biased = [slot_bias is not None] * layout.n_rows if biased_rows is None else biased_rows.tolist()
     outs = [
         attend_sequences(
-            q_g, latents_g, indices[g], None if slot_bias is None else slot_bias[g], layout, scale, max_call
+            q_g, latents_g, indices[g], None if slot_bias is None else slot_bias[g], biased, layout, scale, max_call
         )
         for g, q_g, latents_g in zip(groups, split(q_rows, sizes), split(latents, sizes))
     ]
     return concat(outs)[:, :L, :, :v_dim].transpose(1, 2), None
 
 
-def attend_sequences(q, latents, indices, slot_bias, layout: SparseLayout, scale, max_call) -> torch.Tensor:
-    """Sequences that share their SDPA calls: q [b, Lp, H, D] -> [b, Lp, H, D (+1 with a bias)]"""
-    nb, _, H, _ = q.shape
+def attend_sequences(q, latents, indices, slot_bias, biased, layout: SparseLayout, scale, max_call) -> torch.Tensor:
+    """Sequences that share their SDPA calls: q [b, Lp, H, D] -> [b, Lp, H, D]"""
+    nb, _, H, D = q.shape
     qb, m = layout.query_block, layout.blocks_per_query_block
     used = (indices >= 0).sum(-1)  # [b, nQB]
-    n_prefix = whole_past_query_blocks(used, layout) if slot_bias is None else 0
+    n_prefix = min(whole_past_query_blocks(used, layout), (biased + [True]).index(True))
     n_prefix = n_prefix if n_prefix > 1 else 0  # one call instead of one per block, so from two blocks on
     used_max = used.amax(0)
     pairs_per_block = nb * qb * H * (int(used_max.max()) + m) * layout.block_size
     groups = [
-        (qb0 + n_prefix, qb1 + n_prefix, slots)
-        for qb0, qb1, slots in query_block_groups(used_max[n_prefix:], max(1, max_call // pairs_per_block))
+        (qb0 + n_prefix, qb1 + n_prefix, slots, flag)
+        for qb0, qb1, slots, flag in query_block_groups(
+            used_max[n_prefix:], max(1, max_call // pairs_per_block), biased[n_prefix:]
+        )
     ]
-    q_parts = split(q, [n_prefix * qb] * bool(n_prefix) + [(qb1 - qb0) * qb for qb0, qb1, _ in groups], dim=1)
+    q_parts = split(q, [n_prefix * qb] * bool(n_prefix) + [(qb1 - qb0) * qb for qb0, qb1, *_ in groups], dim=1)
     chunks = []
     if n_prefix:
         q_prefix, *q_parts = q_parts
         keys = latents[:, None, : n_prefix * qb].expand(-1, H, -1, -1)
         o = F.scaled_dot_product_attention(q_prefix.transpose(1, 2), keys, keys, is_causal=True, scale=scale)
         chunks.append(o.transpose(1, 2))
-    for (qb0, qb1, slots), q_part in zip(groups, q_parts):
-        bias = None if slot_bias is None else slot_bias[:, qb0:qb1, :slots]
-        chunks.append(gathered_attention(q_part, latents, indices[..., :slots], bias, layout, qb0, qb1, scale))
+    for (qb0, qb1, slots, flag), q_part in zip(groups, q_parts):
+        bias = slot_bias[:, qb0:qb1, :slots] if flag else None
+        o = gathered_attention(q_part, latents, indices[..., :slots], bias, layout, qb0, qb1, scale)
+        chunks.append(o[..., :D] if flag else o)  # a bias column's output is cut off
     return concat(chunks, dim=1)
 
 
@@ -117,6 +138,6 @@ def gathered_attention(q, latents, indices, slot_bias, layout: SparseLayout, qb0
         queries = torch.cat([queries, queries.new_ones(*queries.shape[:-1], 1)], dim=-1)
         keys = torch.cat([keys, bias.to(keys.dtype)], dim=-1)
     mask = mask.repeat_interleave(H, dim=2).flatten(0, 1)[:, None]  # one row per (query, head)
-    # values are the keys (latent rows); a bias column's output is cut off by the caller
+    # values are the keys (latent rows); the bias column's output is cut off by the caller
     o = F.scaled_dot_product_attention(queries, keys, keys, attn_mask=mask, scale=scale)
     return o.view(nb, (qb1 - qb0) * layout.query_block, H, -1)

@@ -20,7 +20,9 @@ def width_chunks(widths: torch.Tensor, max_chunk: int, row_size: int) -> list[tu
     return chunks
 
 
-def torch_token_attention(q, latents, indices, layout: SparseLayout, *, scale, v_dim, slot_bias=None, max_chunk=2**22):
+def torch_token_attention(
+    q, latents, indices, layout: SparseLayout, *, scale, v_dim, slot_bias=None, biased_rows=None, max_chunk=2**22
+):
     """q [B, H, L, D], latents [B, L, D], indices [B, L, K] -> (out [B, H, L, v_dim], slot probs [B, L, K]).
 
     Each query gathers its used slots rounded up to a multiple of 16 (its width), so its arithmetic,

@@ -312,7 +312,9 @@ class TritonSparseAttention(torch.autograd.Function):
         return dq.to(q.dtype), dkv.to(kv.dtype), None, dbias if ctx.has_bias else None, None, None, None
 
 
-def triton_token_attention(q, latents, indices, layout=None, *, scale, v_dim, slot_bias=None, block_k: int = 32):
+def triton_token_attention(
+    q, latents, indices, layout=None, *, scale, v_dim, slot_bias=None, biased_rows=None, block_k: int = 32
+):
     """q [B, H, L, D], latents [B, S, D], indices [B, L, K] (-1 = unused, valid first; token layout)
     -> (out [B, H, L, v_dim], head-averaged slot probabilities [B, L, K])"""
     return TritonSparseAttention.apply(q, latents, indices, slot_bias, scale, v_dim, block_k)

@@ -65,6 +65,7 @@ class DeepSeekSparseAttention(nn.Module):
         measure_recall: bool = True,
         sink_tokens: int = 0,
         kl_row_fraction: float = 1.0,
+        rank_row_fraction: float = 1.0,
     ):
         super().__init__()
         self.block_size, self.query_block = block_size, block_size if query_block is None else query_block
@@ -74,6 +75,7 @@ class DeepSeekSparseAttention(nn.Module):
         self.backend, self.soft_rank_tau = backend, soft_rank_tau
         self.measure_recall = measure_recall  # in evaluation only: one dense attention pass per layer
         self.kl_row_fraction = kl_row_fraction  # block mode, training: the indexer KL from a draw of the rows
+        self.rank_row_fraction = rank_row_fraction  # block mode, training: the rank mask's gradient likewise
         self.register_buffer("sparse_active", torch.tensor(True))
         self._attention: dict[torch.device, Callable] = {}  # the backend, resolved once per device
 
@@ -85,12 +87,24 @@ class DeepSeekSparseAttention(nn.Module):
             self._attention[device] = backend_function(self.backend, device, self.block_size, self.query_block)
         return self._attention[device]
 
-    def rank_bias(self, k_soft: torch.Tensor, n_slots: int) -> torch.Tensor:
-        """k_soft [B, R] (columns, differentiable) -> logit bias [B, R, n_slots], exactly 0 in the forward pass."""
-        slot_middle = torch.arange(n_slots, device=k_soft.device, dtype=k_soft.dtype) + 0.5
+    def rank_bias(self, k_soft: torch.Tensor, indices: torch.Tensor, layout: SparseLayout):
+        """k_soft [B, R] (columns, differentiable) -> (logit bias [B, R, K], exactly 0 in the forward pass;
+        the rows whose bias carries a gradient [R], or None for all).
+
+        In block mode, while training, only the query blocks `losses.draw_rows` draws (`rank_row_fraction`
+        of them) carry the gradient, scaled by C / m: an unbiased estimate of the controller's gradient;
+        the other blocks attend without the bias column. The draw is random: a training forward pass is
+        a function of its input and the random state (the same draw, the same bits)."""
+        slot_middle = torch.arange(indices.shape[-1], device=k_soft.device, dtype=k_soft.dtype) + 0.5
         tau = self.soft_rank_tau * k_soft.detach().clamp_min(1)[..., None]
         soft = torch.nn.functional.logsigmoid((k_soft[..., None] - slot_middle) / tau)
-        return soft - soft.detach()
+        bias = soft - soft.detach()
+        if layout.token_level or self.rank_row_fraction >= 1 or not self.training:
+            return bias, None
+        rows, scale = losses.draw_rows(layout, self.rank_row_fraction)
+        drawn = torch.zeros(layout.n_rows, dtype=torch.bool, device=bias.device)
+        drawn[rows] = True
+        return bias * (drawn.to(bias.dtype) * scale)[None, :, None], drawn
 
     def forward(self, x, q, latents, *, scale: float, v_dim: int):
         """x [B, L, D_model], q [B, H, L, D], latents [B, L, D] -> (out [B, H, L, v_dim] or None in the dense
@@ -114,10 +128,19 @@ class DeepSeekSparseAttention(nn.Module):
         with component("selection"):
             indices = self.selector(chooser, k_hard, layout)
         with component("sparse_attention"):
-            bias = self.rank_bias(k, indices.shape[-1]) if torch.is_tensor(k) and k.requires_grad else None
+            learns = torch.is_tensor(k) and k.requires_grad
+            bias, biased_rows = self.rank_bias(k, indices, layout) if learns else (None, None)
             attend = self.attention(q.device)
             out, slot_probs = sparse_attention(
-                q, latents, indices, layout, scale=scale, v_dim=v_dim, backend=attend, slot_bias=bias
+                q,
+                latents,
+                indices,
+                layout,
+                scale=scale,
+                v_dim=v_dim,
+                backend=attend,
+                slot_bias=bias,
+                biased_rows=biased_rows,
             )
         with component("indexer_kl"):
             fraction = self.kl_row_fraction if self.training else 1.0

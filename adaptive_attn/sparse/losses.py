@@ -11,6 +11,7 @@ summed over that block's queries. Everything runs in query chunks to bound memor
 import math
 
 import torch
+import torch.nn.functional as F
 
 from adaptive_attn.ops.layout import SparseLayout
 
@@ -81,32 +82,64 @@ def kl_selected(q, latents, scores, indices, slot_probs, layout: SparseLayout, *
     return _block_kl_selected(q, latents, scores, indices, layout, scale=scale, row_fraction=row_fraction)
 
 
+def draw_rows(layout: SparseLayout, fraction: float) -> tuple[torch.Tensor, float]:
+    """Of the C rows (query blocks) that have eligible columns, m = ceil(fraction * C) in a window at a
+    uniform random start, wrapping around -> (the drawn rows, ascending; C / m). Each row is drawn with
+    probability m / C, so a sum over the drawn rows times C / m is unbiased; a window keeps them contiguous
+    (at most two runs), so they take few calls. The draw depends on the geometry alone, never on what
+    the rows selected."""
+    candidates = (layout.n_eligible > 0).nonzero().flatten()
+    C = len(candidates)
+    m = max(1, math.ceil(fraction * C))
+    if C == 0 or m >= C:
+        return candidates, 1.0
+    start = int(torch.randint(C, ()))
+    return candidates[(start + torch.arange(m, device=candidates.device)) % C].sort().values, C / m
+
+
 def _block_kl_selected(q, latents, scores, indices, layout: SparseLayout, *, scale, row_fraction=1.0):
     """Block mode: the mean KL over the (sequence, query block) rows that selected a block, estimated from
-    a uniform draw of m = ceil(row_fraction * C) of the C query blocks that have such rows: the sum over
-    the drawn blocks, times C / m, over the count of all such rows. Each block is drawn with probability
-    m / C, so the estimate is unbiased; its cost is m blocks' instead of C blocks' attention."""
+    the query blocks `draw_rows` draws (unbiased: their sum, times C / m, over the count of all such rows;
+    a drawn row that selected nothing adds nothing). Their targets come from fused SDPA calls over the
+    contiguous runs (`block_mass`)."""
     supported = (indices >= 0).any(-1)  # [B, R]
-    candidates = supported.any(0).nonzero().flatten()
-    if len(candidates) == 0:
+    drawn, weight = draw_rows(layout, row_fraction)
+    if len(drawn) == 0 or not supported.any():
         return scores.new_zeros(())
-    m = max(1, math.ceil(row_fraction * len(candidates)))
-    drawn = candidates if m == len(candidates) else candidates[torch.randperm(len(candidates))[:m].sort().values]
     q, latents = layout.pad(q, 2), layout.pad(latents, 1)
-    real = (torch.arange(layout.padded_len, device=q.device) < layout.seq_len).view(layout.n_rows, -1)  # not padding
     total = scores.new_zeros(())
-    for r in drawn.tolist():
-        with torch.no_grad():
-            keys, mask = layout.gather_key_blocks(
-                latents, indices, r, r + 1, shared_mask=bool((indices[:, r] >= 0).all())
-            )
-            logits = torch.einsum("bqhd,bsd->bqhs", layout.query_blocks(q)[:, r], keys[:, 0]) * scale
-            probs = logits.masked_fill(~mask[:, 0, :, None], float("-inf")).softmax(-1).mean(2)  # [B, Q, S]
-            mass = (probs * real[r, None, :, None]).sum(1).view(q.shape[0], -1, layout.block_size).sum(-1)
-            target = _normalise(mass[:, : indices.shape[-1]] * (indices[:, r] >= 0))
-        s, _ = _kl(target, scores[:, r].gather(-1, indices[:, r].clamp(min=0)))
+    for run in torch.tensor_split(drawn, (torch.diff(drawn) > 1).nonzero().flatten() + 1):  # contiguous runs
+        qb0, qb1 = int(run[0]), int(run[-1]) + 1
+        target = _normalise(block_mass(q, latents, indices, layout, qb0, qb1, scale) * (indices[:, qb0:qb1] >= 0))
+        s, _ = _kl(target, scores[:, qb0:qb1].gather(-1, indices[:, qb0:qb1].clamp(min=0)))
         total = total + s
-    return total * (len(candidates) / m) / int(supported.sum())
+    return total * weight / int(supported.sum())
+
+
+@torch.no_grad()
+def block_mass(q, latents, indices, layout: SparseLayout, qb0: int, qb1: int, scale: float) -> torch.Tensor:
+    """The main attention's mass on each selected block of query blocks [qb0, qb1), summed over their real
+    queries and averaged over heads -> [B, C, K]. q [B, H, Lp, D], latents [B, Lp, D] (padded).
+
+    SDPA over the gathered blocks with one-hot block indicators as values returns each (query, head)'s
+    mass per block: the fused kernel does the softmax and the sum."""
+    B, H, Lp, D = q.shape
+    C, K, Q = qb1 - qb0, indices.shape[-1], layout.query_block
+    shared = bool((indices[:, qb0:qb1] >= 0).all())
+    keys, mask = layout.gather_key_blocks(latents, indices, qb0, qb1, shared_mask=shared)  # [B, C, S, D]
+    S = keys.shape[2]
+    n_blocks = S // layout.block_size  # the selected slots, then the diagonal blocks
+    block_of = torch.arange(S, device=q.device) // layout.block_size
+    width = max(D, n_blocks)  # as wide as the queries and keys where it can: SDPA then takes its fused kernel
+    indicator = (block_of[:, None] == torch.arange(width, device=q.device)).to(q.dtype)  # [S, width]
+    queries = layout.query_blocks(q)[:, qb0:qb1].reshape(B * C, 1, Q * H, D)
+    mask = mask.repeat_interleave(H, dim=2).flatten(0, 1)[:, None]
+    out = F.scaled_dot_product_attention(
+        queries, keys.reshape(B * C, 1, S, D), indicator.expand(B * C, 1, S, width), attn_mask=mask, scale=scale
+    )
+    real = torch.arange(qb0 * Q, qb1 * Q, device=q.device) < layout.seq_len  # queries that are not padding
+    mass = out.view(B, C, Q, H, width)[..., :K].mean(3) * real.view(1, C, Q, 1)
+    return _wide(mass.sum(2))
 
 
 @torch.no_grad()
