@@ -119,8 +119,8 @@ def validate(cfg: DictConfig) -> None:
         _rule(check_keep, cfg.model.keep, cfg.model.get("k"))
     if cfg.model.get("budget") is not None:
         _validate_budget(cfg)
-    if cfg.model.get("sparse") is not None:
-        _validate_sparse(cfg)
+    if cfg.model.get("sparse") is not None and not cfg.model._target_.endswith("DenseMoELLM"):
+        _validate_sparse(cfg)  # a dense model ignores a sweep's sparse settings
     _validate_data(cfg, seq_len)
     _validate_training(cfg)
     _validate_machine(cfg)

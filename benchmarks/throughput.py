@@ -8,7 +8,7 @@ reach if everything but attention cost what it costs in the dense step, given it
 (`bound`) or an op spending dense attention's time per attended pair (`floor`).
 
     GOMP_SPINCOUNT=0 python benchmarks/throughput.py --models dense fixed25 adaptive --seq-len 2048 --batch 2 \
-        --overrides experiment=cpu_sweep model.sparse.block_size=64 model.sparse.query_block=128 --breakdown
+        --overrides experiment=research_text --breakdown
 
 An override `key=value` applies to every model whose config has the key (block sizes skip dense); `name:key=value`
 applies to that model only.

@@ -144,3 +144,11 @@ def test_wandb_is_offline_without_credentials_or_server_and_respects_wandb_mode(
     assert wandb_offline()
     monkeypatch.setenv("WANDB_MODE", "online")
     assert not wandb_offline()
+
+
+def test_a_dense_model_in_a_sweep_with_sparse_settings_is_valid(compose_cfg):
+    """An experiment's sparse settings (sinks, blocks) are for the sparse models of its sweep; dense ignores them."""
+    cfg = compose_cfg(["experiment=exp3_cpu_synthetic", "model=dense"])
+    assert cfg.model.sparse.sink_tokens == 1
+    validate(cfg)
+    assert not list(instantiate(cfg.model).sparse_layers())
