@@ -8,7 +8,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from adaptive_attn.data.datamodule import check_synthetic, check_tokenizer
+from adaptive_attn.data.tasks import check_synthetic
+from adaptive_attn.data.text import check_tokenizer
 from adaptive_attn.ops.dispatch import check_backend
 from adaptive_attn.ops.layout import check_blocks
 from adaptive_attn.sparse.budget import check_keep, check_target

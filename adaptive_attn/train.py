@@ -1,4 +1,4 @@
-"""Training entry point: compose config -> validate -> instantiate -> fit -> test -> summary.json.
+"""Training entry point: compose config -> validate -> (runner) instantiate -> fit -> test -> summary.json.
 
     GOMP_SPINCOUNT=0 python -m adaptive_attn.train [model=fixed25] [data=mqar] [seq_len=512] [seed=1] ...
     GOMP_SPINCOUNT=0 python -m adaptive_attn.train -m model=adaptive,fixed25,fixed50 seq_len=64,128 seed=0,1,2
@@ -6,134 +6,29 @@
 (GOMP_SPINCOUNT=0 stops idle OpenMP threads from spinning; on small CPUs it doubles throughput.)
 """
 
-import json
 import sys
-import time
-import traceback
 from pathlib import Path
 
 import hydra
-import lightning as L
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from hydra.utils import instantiate
-from lightning.pytorch.callbacks import LearningRateMonitor
-from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from adaptive_attn.config import CONF_DIR, ConfigError, check_group_overrides, fail, validate
-from adaptive_attn.lit.interrupt import GracefulInterrupt, RunInterrupted
-from adaptive_attn.resume import check_same_run, checkpoint_to_resume, differences, record_run
-from adaptive_attn.summary import build_summary, write_json, write_k_vs_difficulty
-
-
-def finish_wandb() -> None:
-    """Close the W&B run of this job so the jobs of a sweep never merge into one run."""
-    wandb = sys.modules.get("wandb")
-    if wandb is not None and wandb.run is not None:
-        wandb.finish()
-
-
-def build(cfg: DictConfig, out_dir: Path) -> tuple[L.LightningDataModule, L.LightningModule, L.Trainer]:
-    L.seed_everything(cfg.seed, workers=True)
-    datamodule = instantiate(cfg.data)
-    module = instantiate(cfg.module, model=instantiate(cfg.model))
-    loggers = [instantiate(c) for c in (cfg.logger or {}).values()]
-    callbacks = [instantiate(c) for c in (cfg.callbacks or {}).values()]
-    if not loggers:  # a learning-rate monitor has nowhere to write
-        callbacks = [cb for cb in callbacks if not isinstance(cb, LearningRateMonitor)]
-    callbacks.append(GracefulInterrupt(str(out_dir / "checkpoints" / "last.ckpt")))
-    for lg in loggers:
-        lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, default_root_dir=str(out_dir))
-    return datamodule, module, trainer
-
-
-def fit_and_test(cfg: DictConfig, datamodule, module, trainer: L.Trainer, checkpoint: str | None, extra: dict):
-    if cfg.eval_untrained and checkpoint is None:
-        extra["untrained_val_loss"] = trainer.validate(module, datamodule=datamodule, verbose=False)[0]["val/loss"]
-    trainer.fit(module, datamodule=datamodule, ckpt_path=checkpoint)
-    for cb in trainer.callbacks:
-        if isinstance(cb, GracefulInterrupt):  # a signal in the last step
-            cb.raise_if_stopped(trainer)
-    if "val/loss" not in trainer.callback_metrics:  # training ended before its first validation
-        trainer.validate(module, datamodule=datamodule, verbose=False)
-    fit_metrics = dict(trainer.callback_metrics)
-    trainer.test(module, datamodule=datamodule, verbose=False)
-    trainer.callback_metrics.update({k: v for k, v in fit_metrics.items() if k.startswith("val")})
-
-
-def ok_summary(out_dir: Path) -> dict | None:
-    """The summary of a run that finished in out_dir (status ok), if there is one."""
-    try:
-        summary = json.loads((out_dir / "summary.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    return summary if summary.get("status") == "ok" else None
-
-
-def finished_summary(cfg: DictConfig, out_dir: Path) -> dict | None:
-    """A sweep job whose directory already holds this run's summary, status ok: its summary (the job is
-    skipped, so a sweep re-run finishes only what is missing)."""
-    if HydraConfig.get().mode != RunMode.MULTIRUN or cfg.ckpt_path is not None:
-        return None
-    summary = ok_summary(out_dir)
-    if summary is None:
-        return None
-    differ = differences(cfg, out_dir)
-    if differ:
-        raise ConfigError(f"{out_dir} holds a finished run of another config: {differ}")
-    return summary
-
-
-def run(cfg: DictConfig) -> dict:
-    """Train and evaluate one configuration; leaves summary.json (status ok, failed or interrupted)."""
-    start, trainer, extra = time.perf_counter(), None, {"started_at": time.time()}
-    out_dir = Path(cfg.output_dir)
-    try:
-        validate(cfg)
-        checkpoint = checkpoint_to_resume(cfg, out_dir)
-        check_same_run(cfg, out_dir)
-        done = finished_summary(cfg, out_dir)
-    except ConfigError as err:
-        if HydraConfig.get().mode != RunMode.MULTIRUN:
-            fail(str(err))  # a single run stops here, before any work
-        extra["error"] = f"ConfigError: {err}"
-        if ok_summary(out_dir) is None:  # never over a finished run's summary
-            write_json(out_dir / "summary.json", build_summary(cfg, None, "failed", time.perf_counter() - start, extra))
-        raise
-    if done is not None:
-        print(f"skipped: {out_dir} already finished (status ok)", file=sys.stderr)
-        return done
-    out_dir.mkdir(parents=True, exist_ok=True)
-    record_run(cfg, out_dir)
-    try:
-        datamodule, module, trainer = build(cfg, out_dir)
-        fit_and_test(cfg, datamodule, module, trainer, checkpoint, extra)
-        summary = build_summary(cfg, trainer, "ok", time.perf_counter() - start, extra)
-    except Exception as err:
-        interrupted = isinstance(err, RunInterrupted)
-        extra.update(error=f"{type(err).__name__}: {err}", traceback=traceback.format_exc())
-        if interrupted:
-            extra.update(checkpoint=err.checkpoint, resume_with="ckpt_path=last")
-        if trainer is None or trainer.is_global_zero:
-            status = "interrupted" if interrupted else "failed"
-            ended = build_summary(cfg, trainer, status, time.perf_counter() - start, extra)
-            write_json(out_dir / "summary.json", ended)
-        raise
-    finally:
-        finish_wandb()
-    if trainer.is_global_zero:  # under DDP every process gets here; one writes
-        write_k_vs_difficulty(trainer, out_dir)
-        write_json(out_dir / "summary.json", summary)
-    return summary
+from adaptive_attn.resume import check_same_run, checkpoint_to_resume
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def _hydra_main(cfg: DictConfig) -> None:
+    # Lightning loads only now, after the config passed its checks (a rejected run answers in seconds)
+    from lightning.pytorch.utilities import rank_zero_only
+
+    from adaptive_attn.lit.interrupt import RunInterrupted
+    from adaptive_attn.runner import run
+
     try:
         summary = run(cfg)
     except RunInterrupted as stop:  # a signal stops the whole sweep too: the same command finishes it later

@@ -9,6 +9,7 @@ import torch
 
 from adaptive_attn.model.llm import AdaptiveMoELLM
 from adaptive_attn.ops.layout import SparseLayout
+from adaptive_attn.runner import run
 from adaptive_attn.sparse.budget import AdaptiveTopP
 from adaptive_attn.sparse.controller import (
     AttentionEntropyEstimator,
@@ -16,7 +17,6 @@ from adaptive_attn.sparse.controller import (
     DynamicSparsityController,
     prefix_sums_at,
 )
-from adaptive_attn.train import run
 from tests.helpers import tiny_model_kwargs
 
 SPARSE_MODES = {"token": {}, "block": {"block_size": 4, "query_block": 8}}

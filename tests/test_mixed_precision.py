@@ -6,8 +6,8 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
+from adaptive_attn.runner import run
 from adaptive_attn.sparse import losses
-from adaptive_attn.train import run
 from tests.helpers import random_selection
 
 MODES = {"token": [], "block": ["model.sparse.block_size=16", "model.sparse.query_block=32"]}

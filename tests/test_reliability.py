@@ -13,7 +13,7 @@ import pytest
 from adaptive_attn.analysis import load_runs
 from adaptive_attn.data import text
 from adaptive_attn.data.datamodule import TextDataModule
-from adaptive_attn.train import run
+from adaptive_attn.runner import run
 
 ROOT = Path(__file__).resolve().parent.parent
 LONGER = ["experiment=quick", "trainer.max_steps=40", "trainer.val_check_interval=20", "seed=3"]

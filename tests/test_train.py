@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from adaptive_attn.train import run
+from adaptive_attn.runner import run
 
 
 def test_quick_text_run_writes_a_complete_summary(compose_cfg):

@@ -13,7 +13,7 @@ import pytest
 from nbclient import NotebookClient
 
 from adaptive_attn.analysis import aggregate, analyse, load_runs, paired_comparison
-from adaptive_attn.train import run
+from adaptive_attn.runner import run
 
 ROOT = Path(__file__).resolve().parent.parent
 QUICK = ["experiment=quick", "callbacks=minimal", "logger=none"]

@@ -192,6 +192,11 @@ def analyse(sweep_dir: str | Path, out_dir: str | Path | None = None, plots: boo
                 pd.concat(comparisons).round(4).to_markdown(index=False),
                 "",
             ]
+        from adaptive_attn.analysis.findings import findings
+
+        answers = findings(runs)
+        if len(answers):
+            lines += ["## findings (README's table)", "", answers.to_markdown(index=False), ""]
         for title, prefix in (("accuracy by slice", "val_acc/"), ("needed-key recall by slice", "val_needed_recall/")):
             table = slice_table(runs, prefix)
             if not table.empty:

@@ -10,12 +10,12 @@ import torch
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler
 
 from adaptive_attn.data import text
-from adaptive_attn.data.counting import check_counting, make_counting
+from adaptive_attn.data.counting import make_counting
 from adaptive_attn.data.domains import TEXT_DOMAINS, domain_documents
 from adaptive_attn.data.mqar import make_mqar, resolve_pairs
-from adaptive_attn.data.synthetic import TaskDataset, content_range, make_mixture
-
-SYNTHETIC_TASKS = ("recall", "counting", "recall_count")
+from adaptive_attn.data.synthetic import TaskDataset, make_mixture
+from adaptive_attn.data.tasks import check_synthetic
+from adaptive_attn.data.text import check_tokenizer
 
 
 class ResumableRandomSampler(Sampler[int]):
@@ -89,27 +89,6 @@ class LMDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test")
-
-
-def check_tokenizer(tokenizer: str, vocab_size: int) -> None:
-    """The text tokenizer's rule; ValueError naming the key."""
-    if tokenizer not in ("byte", "bpe"):
-        raise ValueError(f"data.tokenizer={tokenizer!r} is invalid: choose byte or bpe")
-    if tokenizer == "byte" and vocab_size != text.BYTE_VOCAB:
-        raise ValueError(f"data.vocab_size={vocab_size} is invalid: the byte tokenizer has {text.BYTE_VOCAB} tokens")
-
-
-def check_synthetic(task: str, seq_len: int, vocab_size: int, min_pairs, max_pairs, alphabets, count_cap) -> None:
-    """The synthetic tasks' rules, before any work: ValueError naming the key."""
-    if task not in SYNTHETIC_TASKS:
-        raise ValueError(f"data.task={task!r} is invalid: choose one of {', '.join(SYNTHETIC_TASKS)}")
-    lo, hi = content_range(vocab_size)
-    if task != "counting":
-        if hi - lo < seq_len:  # as Zoology: keys, values and fillers drawn from more tokens than positions
-            raise ValueError(f"data.vocab_size={vocab_size} is invalid: must be >= seq_len + {lo + vocab_size - hi}")
-        resolve_pairs(seq_len, min_pairs, max_pairs)
-    if task != "recall":
-        check_counting(list(alphabets), count_cap, vocab_size)
 
 
 class SyntheticDataModule(LMDataModule):

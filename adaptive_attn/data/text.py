@@ -84,6 +84,14 @@ def split_files(files: list[Path], val_percent: float) -> dict[str, list[Path]]:
     return splits
 
 
+def check_tokenizer(tokenizer: str, vocab_size: int) -> None:
+    """The text tokenizer's rule; ValueError naming the key."""
+    if tokenizer not in ("byte", "bpe"):
+        raise ValueError(f"data.tokenizer={tokenizer!r} is invalid: choose byte or bpe")
+    if tokenizer == "byte" and vocab_size != BYTE_VOCAB:
+        raise ValueError(f"data.vocab_size={vocab_size} is invalid: the byte tokenizer has {BYTE_VOCAB} tokens")
+
+
 class ByteTokenizer:
     vocab_size = BYTE_VOCAB
     eos_id = END_OF_DOC
