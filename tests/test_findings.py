@@ -5,7 +5,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from adaptive_attn.analysis.findings import findings
+from adaptive_attn.analysis.findings import README_END, README_START, findings, write_into_readme
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "results" / "exp3_cpu" / "results.csv"
@@ -38,3 +38,13 @@ def test_text_runs_are_compared_on_loss(column):
     ]
     table = findings(pd.DataFrame(rows))
     assert list(table["metric"]) == [column] and table["mean ± 95% CI"].iloc[0].startswith("-0.500 ± 0.000")
+
+
+def test_the_table_is_written_between_the_readme_markers_only(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# before\n{README_START}old table{README_END}\nafter\n")
+    write_into_readme("| new |", readme)
+    assert readme.read_text() == f"# before\n{README_START}| new |{README_END}\nafter\n"
+    readme.write_text("no markers")
+    with pytest.raises(SystemExit, match="no findings markers"):
+        write_into_readme("| new |", readme)

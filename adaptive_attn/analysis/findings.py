@@ -1,10 +1,19 @@
 """The study's answers, one row per question and length, read from a sweep's `results.csv`: README's
-Findings table is this table, and `tests/test_findings.py` recomputes it from the committed file."""
+Findings table is this table, and `tests/test_findings.py` recomputes it from the committed file.
+
+    python -m adaptive_attn.analysis.findings results/exp3_cpu/results.csv [--readme README.md]
+"""
+
+import argparse
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from adaptive_attn.analysis.results import t_quantile
+
+README_START = "<!-- findings table: generated from results/exp3_cpu/results.csv -->\n"
+README_END = "\n<!-- end of findings table -->"
 
 # (question, model, baseline, metric, kind): "diff" = model - baseline, "ratio" = model / baseline, paired by
 # (seq_len, seed); "quality" is val accuracy on synthetic tasks and val loss on text
@@ -32,7 +41,8 @@ def mean_ci(values: pd.Series) -> str:
 
 
 def findings(runs: pd.DataFrame) -> pd.DataFrame:
-    """-> one row per question, data set and length with a paired comparison; plus how k follows difficulty."""
+    """-> one row per question, data set and length with a paired comparison; plus how k follows difficulty
+    (Spearman's rho between a sequence's k and its alphabet size; the shuffled control's is the null)."""
     ok = runs[runs["status"] == "ok"]
     rows = []
     for (data, seq_len), cell in ok.groupby(["data", "seq_len"]):
@@ -47,8 +57,32 @@ def findings(runs: pd.DataFrame) -> pd.DataFrame:
                 sign = "-" if kind == "diff" else "/"
                 rows.append((question, data, seq_len, f"{model} {sign} {baseline}", metric, mean_ci(paired)))
         spearman = "k_difficulty_spearman_counting"
-        if spearman in cell:
-            values = cell[cell["model"] == "adaptive10"][spearman]
+        for model in ("adaptive10", "adaptive", "oracle10", "shuffled10") if spearman in cell else ():
+            values = cell[cell["model"] == model][spearman]
             if values.notna().any():
-                rows.append(("k adapts to difficulty", data, seq_len, "adaptive10", spearman, mean_ci(values)))
+                rows.append(("k adapts to difficulty", data, seq_len, model, spearman, mean_ci(values)))
     return pd.DataFrame(rows, columns=["question", "data", "L", "comparison", "metric", "mean ± 95% CI"])
+
+
+def write_into_readme(table: str, readme: Path) -> None:
+    """Replace the text between README's findings markers with table (markdown)."""
+    text = readme.read_text()
+    if README_START not in text or README_END not in text:
+        raise SystemExit(f"{readme}: no findings markers ({README_START.strip()} ... {README_END.strip()})")
+    start, end = text.index(README_START) + len(README_START), text.index(README_END)
+    readme.write_text(text[:start] + table + text[end:])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description="The study's findings table from a sweep's results.csv.")
+    p.add_argument("results_csv")
+    p.add_argument("--readme", type=Path, help="write the table between the findings markers of this file")
+    args = p.parse_args()
+    table = findings(pd.read_csv(args.results_csv)).to_markdown(index=False)
+    if args.readme:
+        write_into_readme(table, args.readme)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
