@@ -18,10 +18,12 @@ if [ "$PART" != model ]; then
 fi
 if [ "$PART" != op ]; then
   MODELS="--models dense fixed25 adaptive --repeats 9 --calibrate 60 --breakdown"
-  # the research model on text (block mode: key blocks of 64, query blocks of 128)
-  for spec in "512 8" "1024 4" "2048 2" "4096 1"; do
+  # the research model on text (block mode: key blocks of 64, query blocks of 128; at L=512, 16 and 32, since
+  # keep 0.25 of 512 tokens is no more than a query block of 128 attends anyway)
+  for spec in "512 8 16 32" "1024 4 64 128" "2048 2 64 128" "4096 1 64 128"; do
     set -- $spec
     python benchmarks/throughput.py $MODELS --seq-len "$1" --batch "$2" --overrides experiment=research_text \
+        model.sparse.block_size="$3" model.sparse.query_block="$4" \
         --json "$OUT/throughput_cpu_research_L$1.json" | tee "$OUT/throughput_cpu_research_L$1.txt"
   done
   # the default model (d_model 256, 4 layers) at L=2048, block mode

@@ -25,7 +25,7 @@ from omegaconf import OmegaConf
 from timing import median, take_turns
 from tqdm.auto import tqdm
 
-from adaptive_attn.config import CONF_DIR
+from adaptive_attn.config import CONF_DIR, validate
 from adaptive_attn.lit.breakdown import profile_breakdown
 from adaptive_attn.lit.module import split_batch
 from adaptive_attn.nn.component import COMPONENTS, component
@@ -50,6 +50,7 @@ def model_overrides(name: str, overrides: list[str]) -> list[str]:
 def build_model(name: str, overrides: list[str]):
     used = model_overrides(name, overrides)
     cfg = compose_train([f"model={name}", *used])
+    validate(cfg)  # e.g. a budget that selects nothing beyond each query block's own keys
     return instantiate(cfg.model), cfg, used
 
 

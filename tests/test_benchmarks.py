@@ -45,7 +45,7 @@ def test_throughput_benchmark_records(tmp_path):
     out = tmp_path / "throughput.json"
     run_script(
         "throughput.py",
-        *("--models", "dense", "fixed25", "--seq-len", "32", "--batch", "2", "--repeats", "1", "--warmup", "0"),
+        *("--models", "dense", "fixed25", "--seq-len", "128", "--batch", "2", "--repeats", "1", "--warmup", "0"),
         *("--calibrate", "1", "--breakdown", "--breakdown-rounds", "1", "--json", str(out)),
         *("--overrides", "experiment=quick", "model.sparse.block_size=8", "fixed25:model.sparse.query_block=16"),
     )
@@ -64,7 +64,7 @@ def test_throughput_benchmark_records(tmp_path):
     assert 0 < dense["attention_share"] < 1 and fixed["amdahl_floor"] <= fixed["amdahl_bound"] + 1
     assert dense["equivalent_keep"] == 1.0 and abs(fixed["equivalent_keep"] - 0.25) < 1e-6
     assert dense["ratio_vs_baseline"] == 1.0
-    tokens_per_s = 2 * 32 / fixed["step_ms"] * 1000
+    tokens_per_s = 2 * 128 / fixed["step_ms"] * 1000
     assert fixed["step_ms"] > 0 and abs(fixed["tokens_per_s"] - tokens_per_s) < 0.01 * tokens_per_s
 
 

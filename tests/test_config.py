@@ -50,6 +50,15 @@ BAD_VALUES = [
     ("model.moe.top_k=9", "model.moe.top_k=9 is invalid: must be an integer in [1, 8]"),
     ("model.short_conv=-1", "model.short_conv=-1 is invalid: must be an integer >= 0"),
     ("model.keep=1.5", "model.keep=1.5 is invalid: must be in (0, 1]"),
+    (
+        "experiment=research_text model=fixed25 seq_len=512",
+        "model.keep=0.25 at seq_len=512 is invalid: its 128 tokens are no more than the 128 of a query block's own",
+    ),
+    (
+        "model=adaptive10 seq_len=256 model.sparse.block_size=16 model.sparse.query_block=32",
+        "model.budget.target=0.1 at",
+    ),
+    ("model=fixed_k model.k=16 model.sparse.block_size=16", "model.k=16 at seq_len=256 is invalid: its 16 tokens"),
     ("model.keep=null", "model.keep=None and model.k=None are invalid: give exactly one of them"),
     ("model=fixed_k model.k=0", "model.k=0 is invalid: must be an integer >= 1 (tokens)"),
     ("model=adaptive model.budget.target=1.5", "model.budget.target=1.5 is invalid: must be in (0.02, 1.0)"),

@@ -40,7 +40,10 @@ def test_experiment_configs_run_at_tiny_size(compose_cfg, experiment):
     """The study's experiments, checked on the CPU with a tiny model and a few steps of their own data."""
     tiny = ["model.d_model=32", "model.n_layers=1", "model.n_heads=2", "model.moe.n_routed=2", "model.moe.top_k=1"]
     steps = ["trainer.max_steps=4", "trainer.val_check_interval=2", "trainer.limit_val_batches=1"]
-    cfg = compose_cfg([f"experiment={experiment}", "model=adaptive", *tiny, *steps, "data.batch_size=2", "seq_len=64"])
+    seq_len = 256 if experiment == "exp3_cpu_text" else 64  # its query blocks of 32 need a budget above 32 tokens
+    cfg = compose_cfg(
+        [f"experiment={experiment}", "model=adaptive", *tiny, *steps, "data.batch_size=2", f"seq_len={seq_len}"]
+    )
     cfg.module.dense_warmup_steps = 2
     summary = run(cfg)
     assert summary["status"] == "ok" and summary["steps"] == 4 and len(summary["val_curve"]) == 2

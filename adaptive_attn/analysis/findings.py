@@ -25,6 +25,7 @@ QUESTIONS = [
     ("convergence (AUC of val accuracy)", "adaptive10", "fixed10", "val_acc_auc", "diff"),
     ("speed vs fixed (step time)", "adaptive10", "fixed10", "step_ms", "ratio"),
     ("the budget binds: alphabet 2", "fixed10", "dense", "val_acc/counting/alphabet2", "diff"),
+    ("the budget binds: alphabet 4", "fixed10", "dense", "val_acc/counting/alphabet4", "diff"),
     ("the budget binds: alphabet 32", "fixed10", "dense", "val_acc/counting/alphabet32", "diff"),
     ("sparse vs dense (step time)", "fixed10", "dense", "step_ms", "ratio"),
     ("sparse vs dense (step time)", "fixed25", "dense", "step_ms", "ratio"),

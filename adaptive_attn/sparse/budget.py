@@ -38,6 +38,18 @@ def fixed_k(keep: float, layout: SparseLayout) -> float:
     return layout.columns_for_tokens(max(1, math.ceil(keep * layout.seq_len)))
 
 
+def check_selects_blocks(budget: str, tokens: int, block_size: int, query_block: int) -> None:
+    """In block mode every query block attends its own key blocks anyway; a budget of no more tokens than
+    those (`fixed_k` <= 0) selects nothing, and the sparse model is local attention. `budget` names the
+    setting (e.g. "model.keep=0.25 at seq_len=512"); ValueError."""
+    if block_size > 1 and tokens <= query_block:
+        raise ValueError(
+            f"{budget} is invalid: its {tokens} tokens are no more than the {query_block} of a query block's own "
+            "key blocks, so nothing is selected; use a smaller model.sparse.query_block (and block_size) or a "
+            "larger budget"
+        )
+
+
 def fixed_pairs(keep: float, layout: SparseLayout) -> torch.Tensor:
     """Causal (query, key) pairs a fixed budget `keep` attends per sequence."""
     return layout.attended_pairs(layout.n_eligible.clamp(max=layout.hard_columns(fixed_k(keep, layout))))
