@@ -10,6 +10,7 @@ import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from adaptive_attn.data.domains import TEXT_DOMAINS
 from adaptive_attn.data.synthetic import TASKS
 from adaptive_attn.lit.callbacks import SparsityStats, SpeedMonitor, peak_memory_bytes
 from adaptive_attn.lit.convergence import ConvergenceTracker
@@ -38,9 +39,11 @@ def callback_summary(trainer: L.Trainer) -> dict:
                 if value is not None:
                     summary[name] = value
             summary["sparsity"] = cb.last
-            for task in TASKS:
-                if f"test_sparse/k_difficulty_spearman/{task}" in cb.last:
-                    summary[f"k_difficulty_spearman_{task}"] = cb.last[f"test_sparse/k_difficulty_spearman/{task}"]
+            for name in [f"k_difficulty_spearman/{task}" for task in TASKS] + [
+                f"k_mean/domain_{d}" for d in TEXT_DOMAINS
+            ]:
+                if f"test_sparse/{name}" in cb.last:
+                    summary[name.replace("/", "_")] = cb.last[f"test_sparse/{name}"]
     summary.setdefault("peak_mem_bytes", peak_memory_bytes(trainer.strategy.root_device))
     return summary
 

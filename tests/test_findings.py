@@ -48,3 +48,23 @@ def test_the_table_is_written_between_the_readme_markers_only(tmp_path):
     readme.write_text("no markers")
     with pytest.raises(SystemExit, match="no findings markers"):
         write_into_readme("| new |", readme)
+
+
+def test_k_against_text_content_is_the_ratio_of_domain_means_per_run():
+    rows = [
+        dict(
+            status="ok",
+            data="text_domains",
+            seq_len=512,
+            seed=s,
+            model=m,
+            k_mean_domain_repetitive=r,
+            k_mean_domain_prose=p,
+        )
+        for s, (r, p) in enumerate([(2.0, 4.0), (3.0, 4.0)])
+        for m in ("adaptive10", "fixed10")
+    ]
+    table = findings(pd.DataFrame(rows)).set_index(["question", "comparison"])["mean ± 95% CI"]
+    # ratios 0.5 and 0.75: mean 0.625, sd 0.177, t(1) = 12.706 -> CI 1.588; a fixed k does not adapt: no row
+    assert table[("k adapts to content", "adaptive10")] == "0.625 ± 1.588 (n=2)"
+    assert ("k adapts to content", "fixed10") not in table

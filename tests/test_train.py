@@ -1,6 +1,7 @@
 import json
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from adaptive_attn.runner import run
@@ -48,3 +49,13 @@ def test_experiment_configs_run_at_tiny_size(compose_cfg, experiment):
     summary = run(cfg)
     assert summary["status"] == "ok" and summary["steps"] == 4 and len(summary["val_curve"]) == 2
     assert summary["equivalent_keep"] < 1  # the sparse stage ran
+    # the adaptive budget's k against what each test sequence is: its alphabet, or its text domain
+    k_vs = pd.read_csv(Path(cfg.output_dir) / "k_vs_difficulty.csv")
+    if experiment == "exp3_cpu_text":
+        domains = sorted(k_vs["domain"].unique())
+        assert domains and sorted(k for k in summary if k.startswith("k_mean_domain_")) == [
+            f"k_mean_domain_{d}" for d in domains
+        ]
+        assert summary[f"k_mean_domain_{domains[0]}"] == pytest.approx(k_vs[k_vs["domain"] == domains[0]]["k"].mean())
+    elif experiment == "exp3_cpu_synthetic":
+        assert set(k_vs["task"]) == {"counting"} and "k_difficulty_spearman_counting" in summary

@@ -43,7 +43,8 @@ def mean_ci(values: pd.Series) -> str:
 
 def findings(runs: pd.DataFrame) -> pd.DataFrame:
     """-> one row per question, data set and length with a paired comparison; plus how k follows difficulty
-    (Spearman's rho between a sequence's k and its alphabet size; the shuffled control's is the null)."""
+    (Spearman's rho between a sequence's k and its alphabet size) and content (text: the mean k of
+    repetitive logs over that of prose); the shuffled control's figures are the null."""
     ok = runs[runs["status"] == "ok"]
     rows = []
     for (data, seq_len), cell in ok.groupby(["data", "seq_len"]):
@@ -62,6 +63,11 @@ def findings(runs: pd.DataFrame) -> pd.DataFrame:
             values = cell[cell["model"] == model][spearman]
             if values.notna().any():
                 rows.append(("k adapts to difficulty", data, seq_len, model, spearman, mean_ci(values)))
+        for model in ("adaptive10", "adaptive", "shuffled10") if "k_mean_domain_prose" in cell else ():
+            runs_of = cell[cell["model"] == model]
+            values = runs_of["k_mean_domain_repetitive"] / runs_of["k_mean_domain_prose"]
+            if values.notna().any():
+                rows.append(("k adapts to content", data, seq_len, model, "k repetitive / k prose", mean_ci(values)))
     return pd.DataFrame(rows, columns=["question", "data", "L", "comparison", "metric", "mean ± 95% CI"])
 
 

@@ -114,7 +114,8 @@ def plot_metrics_vs_seq_len(agg: pd.DataFrame, path: Path) -> Path:
 
 
 def plot_k(k: pd.DataFrame, path: Path) -> Path:
-    """Histograms of each sequence's k per layer, and mean k against difficulty, per model."""
+    """Histograms of each sequence's k per layer, and mean k against difficulty (synthetic tasks) or text
+    domain, per model."""
     import matplotlib.pyplot as plt
 
     layers = sorted(c for c in k.columns if c.startswith("k_layer"))
@@ -126,12 +127,14 @@ def plot_k(k: pd.DataFrame, path: Path) -> Path:
                 ax.hist(values, bins=30, alpha=0.6, label=model)
         ax.set_title(f"k per sequence, {layer.removeprefix('k_')}")
     ax = axes[0][-1]
+    by = "difficulty" if "difficulty" in k else "domain"
     for (model, task), frame in k.groupby(["model", "task"]):
-        means = frame.groupby("difficulty")["k"].mean()
+        means = frame.groupby(by)["k"].mean()
         ax.plot(means.index, means.values, marker=".", label=f"{model} {task}")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("difficulty (recall: pairs; counting: alphabet)")
+    if by == "difficulty":
+        ax.set_xscale("log", base=2)
+    ax.set_xlabel("difficulty (recall: pairs; counting: alphabet)" if by == "difficulty" else "text domain")
     ax.set_ylabel("mean k")
-    ax.set_title("k vs difficulty")
+    ax.set_title(f"k vs {by}")
     ax.legend(fontsize=8)
     return save(fig, path)

@@ -10,6 +10,7 @@ import lightning as L
 import pandas as pd
 import torch
 
+from adaptive_attn.data.domains import TEXT_DOMAINS
 from adaptive_attn.data.synthetic import TASKS
 from adaptive_attn.lit.breakdown import attribute, shares
 
@@ -186,23 +187,35 @@ class SparsityStats(L.Callback):
         self._difficulty.clear()
 
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
-        """Synthetic tasks: pair each sequence's k (mean over its rows and the layers) with its task and
-        difficulty."""
+        """Pair each sequence's k (mean over its rows and the layers) with what it is: its task and
+        difficulty (synthetic tasks) or its text domain."""
         ks = [layer["k_per_sequence"] for layer in step_sparsity(outputs) if "k_per_sequence" in layer]
-        if "difficulty" in batch and ks:
-            per_layer = torch.stack(ks, dim=1)  # [B, layers]
-            for task, d, k in zip(batch["task"].tolist(), batch["difficulty"].tolist(), per_layer.tolist()):
-                row = {"task": TASKS[task], "difficulty": d, "k": sum(k) / len(k)}
-                self._difficulty.append({**row, **{f"k_layer{i}": v for i, v in enumerate(k)}})
+        if not ks or not ("difficulty" in batch or "domain" in batch):
+            return
+        per_layer = torch.stack(ks, dim=1).tolist()  # [B, layers]
+        if "difficulty" in batch:
+            kinds = [
+                {"task": TASKS[t], "difficulty": d}
+                for t, d in zip(batch["task"].tolist(), batch["difficulty"].tolist())
+            ]
+        else:
+            kinds = [{"task": "text", "domain": TEXT_DOMAINS[d]} for d in batch["domain"].tolist()]
+        for kind, k in zip(kinds, per_layer):
+            self._difficulty.append({**kind, "k": sum(k) / len(k), **{f"k_layer{i}": v for i, v in enumerate(k)}})
 
     def on_test_epoch_end(self, trainer, pl_module):
         """Spearman correlation of k with difficulty, per task (recall: pairs; counting: alphabet size,
-        where a smaller alphabet needs more keys)."""
+        where a smaller alphabet needs more keys); on text, the mean k of each domain."""
         if not self._difficulty:
             return
-        self.k_vs_difficulty = pd.DataFrame(self._difficulty)
-        for task, frame in self.k_vs_difficulty.groupby("task"):
-            rho = frame["difficulty"].corr(frame["k"], method="spearman")
-            if rho == rho:  # undefined (NaN) when k does not vary, as for fixed budgets
-                self.last[f"test_sparse/k_difficulty_spearman/{task}"] = float(rho)
-                pl_module.log(f"test_sparse/k_difficulty_spearman/{task}", float(rho))
+        self.k_vs_difficulty = frame = pd.DataFrame(self._difficulty)
+        results = {}
+        if "difficulty" in frame:
+            for task, rows in frame.groupby("task"):
+                results[f"k_difficulty_spearman/{task}"] = rows["difficulty"].corr(rows["k"], method="spearman")
+        if "domain" in frame:
+            results.update({f"k_mean/domain_{d}": rows["k"].mean() for d, rows in frame.groupby("domain")})
+        for name, value in results.items():
+            if value == value:  # a rank correlation is undefined (NaN) when k does not vary, as for fixed budgets
+                self.last[f"test_sparse/{name}"] = float(value)
+                pl_module.log(f"test_sparse/{name}", float(value))
