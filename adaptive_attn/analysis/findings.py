@@ -27,6 +27,8 @@ QUESTIONS = [
     ("the budget binds: alphabet 2", "fixed10", "dense", "val_acc/counting/alphabet2", "diff"),
     ("the budget binds: alphabet 4", "fixed10", "dense", "val_acc/counting/alphabet4", "diff"),
     ("the budget binds: alphabet 32", "fixed10", "dense", "val_acc/counting/alphabet32", "diff"),
+    ("sparse vs dense (quality)", "fixed10", "dense", "quality", "diff"),
+    ("sparse vs dense (quality)", "fixed25", "dense", "quality", "diff"),
     ("sparse vs dense (step time)", "fixed10", "dense", "step_ms", "ratio"),
     ("sparse vs dense (step time)", "fixed25", "dense", "step_ms", "ratio"),
 ]
