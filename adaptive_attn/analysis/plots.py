@@ -128,13 +128,13 @@ def plot_k(k: pd.DataFrame, path: Path) -> Path:
         ax.set_title(f"k per sequence, {layer.removeprefix('k_')}")
     ax = axes[0][-1]
     by = "difficulty" if "difficulty" in k else "domain"
-    for (model, task), frame in k.groupby(["model", "task"]):
+    for (model, task, seq_len), frame in k.groupby(["model", "task", "seq_len"]):
         means = frame.groupby(by)["k"].mean()
-        ax.plot(means.index, means.values, marker=".", label=f"{model} {task}")
+        ax.plot(means.index, means.values, marker=".", label=f"{model} {task} L={seq_len}")
     if by == "difficulty":
         ax.set_xscale("log", base=2)
     ax.set_xlabel("difficulty (recall: pairs; counting: alphabet)" if by == "difficulty" else "text domain")
     ax.set_ylabel("mean k")
     ax.set_title(f"k vs {by}")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=6)
     return save(fig, path)
