@@ -18,6 +18,15 @@ def save(fig, path: Path, title: str | None = None) -> Path:
     return path
 
 
+def model_color(model: str) -> str:
+    """One colour per model name, the same in every panel and plot."""
+    palette = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:olive"]
+    palette += ["tab:cyan", "tab:gray", "black", "gold"]
+    known = ["dense", "fixed10", "fixed25", "fixed50", "fixed75", "adaptive10", "adaptive", "adaptive_topp"]
+    known += ["oracle10", "oracle", "shuffled10", "shuffled"]
+    return palette[known.index(model)] if model in known else palette[sum(map(ord, model)) % len(palette)]
+
+
 def plot_sweep(runs: pd.DataFrame, out_dir: str | Path) -> list[Path]:
     """Line plots over seq_len per model (val loss, accuracy, tokens/s, peak memory, pairs share), k
     histograms per layer and k vs difficulty. Returns the written PNG paths."""
@@ -52,8 +61,10 @@ def plot_convergence(curves: pd.DataFrame, path: Path) -> Path:
             by_step = frame.groupby("step")
             for row, x in enumerate((by_step["step"].first(), by_step["wall_s"].mean())):
                 ax = axes[row][col]
-                ax.plot(x.values, by_step[metric].mean().values, label=model)
-                ax.fill_between(x.values, by_step[metric].min().values, by_step[metric].max().values, alpha=0.2)
+                color = model_color(model)
+                ax.plot(x.values, by_step[metric].mean().values, label=model, color=color)
+                lo, hi = by_step[metric].min().values, by_step[metric].max().values
+                ax.fill_between(x.values, lo, hi, alpha=0.2, color=color)
         axes[0][col].set_title(f"L = {seq_len}")
         axes[0][col].set_xlabel("step")
         axes[1][col].set_xlabel("training seconds")
@@ -70,7 +81,9 @@ def plot_pareto(runs: pd.DataFrame, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     agg = aggregate(runs, metrics=["pairs_share", "val_acc", "val_loss"])
-    quality = "val_acc" if ("val_acc", "mean") in agg and agg[("val_acc", "mean")].max() > 0 else "val_loss"
+    text = "data" in runs and (runs["data"] == "text_domains").all()  # judged by loss, as in the findings
+    has_acc = ("val_acc", "mean") in agg and agg[("val_acc", "mean")].max() > 0
+    quality = "val_acc" if has_acc and not text else "val_loss"
     lengths = sorted(agg.index.get_level_values("seq_len").unique())
     fig, axes = plt.subplots(1, len(lengths), figsize=(4.2 * len(lengths), 3.6), squeeze=False)
     for ax, seq_len in zip(axes[0], lengths):
@@ -78,7 +91,9 @@ def plot_pareto(runs: pd.DataFrame, path: Path) -> Path:
         x = frame[("pairs_share", "mean")].fillna(1.0)  # dense attends every pair
         y, err = frame[(quality, "mean")], frame[(quality, "ci95")].fillna(0)
         for model in frame.index:
-            ax.errorbar(x[model], y[model], yerr=err[model], marker="o", capsize=3, label=model)
+            ax.errorbar(
+                x[model], y[model], yerr=err[model], marker="o", capsize=3, label=model, color=model_color(model)
+            )
         fixed = sorted((x[m], y[m]) for m in frame.index if m.startswith("fixed") or m == "dense")
         if len(fixed) > 1:
             ax.plot(*zip(*fixed), color="grey", linestyle="--", linewidth=1)
@@ -102,9 +117,8 @@ def plot_metrics_vs_seq_len(agg: pd.DataFrame, path: Path) -> Path:
     for ax, metric in zip(axes[0], panels):
         for model, frame in agg.groupby(level="model"):
             x = frame.index.get_level_values("seq_len")
-            ax.errorbar(
-                x, frame[(metric, "mean")], yerr=frame[(metric, "ci95")].fillna(0), marker="o", capsize=3, label=model
-            )
+            mean, err = frame[(metric, "mean")], frame[(metric, "ci95")].fillna(0)
+            ax.errorbar(x, mean, yerr=err, marker="o", capsize=3, label=model, color=model_color(model))
         ax.set_xscale("log", base=2)
         ax.set_xlabel("seq_len")
         ax.set_title(metric + (" (bytes)" if metric == "peak_mem_bytes" else ""))
@@ -124,13 +138,15 @@ def plot_k(k: pd.DataFrame, path: Path) -> Path:
         for model, frame in k.groupby("model"):
             values = frame[layer].dropna()  # runs that did not record this layer
             if len(values):
-                ax.hist(values, bins=30, alpha=0.6, label=model)
+                ax.hist(values, bins=30, alpha=0.6, label=model, color=model_color(model))
         ax.set_title(f"k per sequence, {layer.removeprefix('k_')}")
     ax = axes[0][-1]
     by = "difficulty" if "difficulty" in k else "domain"
+    lengths = sorted(k["seq_len"].unique())
     for (model, task, seq_len), frame in k.groupby(["model", "task", "seq_len"]):
         means = frame.groupby(by)["k"].mean()
-        ax.plot(means.index, means.values, marker=".", label=f"{model} {task} L={seq_len}")
+        style = dict(color=model_color(model), linestyle=["-", "--", ":", "-."][lengths.index(seq_len) % 4])
+        ax.plot(means.index, means.values, marker=".", label=f"{model} {task} L={seq_len}", **style)
     if by == "difficulty":
         ax.set_xscale("log", base=2)
     ax.set_xlabel("difficulty (recall: pairs; counting: alphabet)" if by == "difficulty" else "text domain")
