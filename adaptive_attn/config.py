@@ -1,6 +1,5 @@
 """Up-front config checks: a bad key or value stops the run with one line naming it and what is allowed."""
 
-import math
 import os
 import socket
 import sys
@@ -13,7 +12,7 @@ from adaptive_attn.data.tasks import check_synthetic
 from adaptive_attn.data.text import check_tokenizer
 from adaptive_attn.ops.dispatch import check_backend
 from adaptive_attn.ops.layout import check_blocks
-from adaptive_attn.sparse.budget import check_keep, check_selects_blocks, check_target
+from adaptive_attn.sparse.budget import budget_tokens, check_keep, check_selects_blocks, check_target
 from adaptive_attn.sparse.controller import check_query_stride
 from adaptive_attn.sparse.indexer import check_rope_dim
 
@@ -195,7 +194,7 @@ def _validate_sparse(cfg: DictConfig) -> None:
     for key in ("model.keep", "model.k", "model.budget.target"):
         value = cfg_get(cfg, key)
         if value is not None:
-            tokens = value if key == "model.k" else max(1, math.ceil(value * cfg.seq_len))
+            tokens = value if key == "model.k" else budget_tokens(value, cfg.seq_len)
             _rule(check_selects_blocks, f"{key}={value} at seq_len={cfg.seq_len}", tokens, block, query_block)
             break
     _int_in(cfg, "model.sparse.sink_tokens", 0)

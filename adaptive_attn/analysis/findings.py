@@ -7,10 +7,9 @@ Findings table is this table, and `tests/test_findings.py` recomputes it from th
 import argparse
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
-from adaptive_attn.analysis.results import t_quantile
+from adaptive_attn.analysis.results import ci95
 
 README_START = "<!-- findings table: generated from results/exp3_cpu/results.csv -->\n"
 README_END = "\n<!-- end of findings table -->"
@@ -39,8 +38,9 @@ def mean_ci(values: pd.Series) -> str:
     if values.empty:
         return "–"
     n = len(values)
-    ci = values.std(ddof=1) * t_quantile(n - 1) / np.sqrt(n) if n > 1 else float("nan")
-    return f"{values.mean():.3f} ± {ci:.3f} (n={n})" if n > 1 else f"{values.mean():.3f} (n=1)"
+    if n == 1:
+        return f"{values.mean():.3f} (n=1)"
+    return f"{values.mean():.3f} ± {ci95(values.std(ddof=1), n):.3f} (n={n})"
 
 
 def findings(runs: pd.DataFrame) -> pd.DataFrame:

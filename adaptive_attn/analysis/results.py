@@ -56,6 +56,13 @@ def t_quantile(dof: int) -> float:
     return _T975.get(dof) or _T975[max(d for d in _T975 if d <= dof)] if dof <= 30 else 1.96
 
 
+def ci95(std, n):
+    """Half-width of the 95% Student-t interval of a mean of n values with sample deviation std (numbers,
+    or Series / DataFrames of them)."""
+    t = n.map(lambda c: t_quantile(c - 1)) if isinstance(n, (pd.Series, pd.DataFrame)) else t_quantile(n - 1)
+    return std * t / np.sqrt(n)
+
+
 def load_runs(sweep_dir: str | Path) -> pd.DataFrame:
     """One row per run (every summary.json below `sweep_dir`), scalar fields only, plus `run_dir`. An
     unreadable summary is skipped with a warning that names it."""
@@ -81,8 +88,8 @@ def aggregate(runs: pd.DataFrame, by=("model", "seq_len"), metrics=METRICS) -> p
     metrics = [m for m in metrics if m in ok and ok[m].notna().any()]
     grouped = ok.groupby(list(by))[metrics]
     mean, std, n = grouped.mean(), grouped.std(ddof=1), grouped.count()
-    ci = std * n.map(lambda c: t_quantile(c - 1)) / np.sqrt(n)
-    return pd.concat({"mean": mean, "ci95": ci, "std": std, "n": n}, axis=1).swaplevel(axis=1).sort_index(axis=1)
+    table = pd.concat({"mean": mean, "ci95": ci95(std, n), "std": std, "n": n}, axis=1)
+    return table.swaplevel(axis=1).sort_index(axis=1)
 
 
 def paired_comparison(runs: pd.DataFrame, model: str, baseline: str, metric: str) -> pd.DataFrame:
@@ -92,7 +99,7 @@ def paired_comparison(runs: pd.DataFrame, model: str, baseline: str, metric: str
     b = ok[ok["model"] == baseline].set_index(["seq_len", "seed"])[metric]
     diff = (a - b).dropna().groupby(level="seq_len")
     out = pd.DataFrame({"mean_diff": diff.mean(), "n": diff.count(), "std": diff.std(ddof=1)})
-    out["ci95"] = out["std"] * out["n"].map(lambda c: t_quantile(c - 1)) / np.sqrt(out["n"])
+    out["ci95"] = ci95(out["std"], out["n"])
     out.insert(0, "comparison", f"{model} - {baseline}")
     out.insert(1, "metric", metric)
     return out.reset_index()

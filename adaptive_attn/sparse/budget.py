@@ -32,10 +32,15 @@ def check_target(target, lo: float = 0.0, hi: float = 1.0) -> None:
         raise ValueError(f"model.budget.target={target!r} is invalid: must be in ({lo}, {hi})")
 
 
+def budget_tokens(keep: float, seq_len: int) -> int:
+    """The tokens a budget `keep` gives every query: ceil(keep * L), at least one."""
+    return max(1, math.ceil(keep * seq_len))
+
+
 def fixed_k(keep: float, layout: SparseLayout) -> float:
-    """The fixed budget's k: ceil(keep * L) tokens, in the layout's columns. Every budget whose target is
-    `keep` spends the compute of this k."""
-    return layout.columns_for_tokens(max(1, math.ceil(keep * layout.seq_len)))
+    """The fixed budget's k: `budget_tokens` in the layout's columns. Every budget whose target is `keep`
+    spends the compute of this k."""
+    return layout.columns_for_tokens(budget_tokens(keep, layout.seq_len))
 
 
 def check_selects_blocks(budget: str, tokens: int, block_size: int, query_block: int) -> None:
