@@ -3,6 +3,7 @@ sparsity), built from the trainer and its callbacks."""
 
 import json
 import os
+import subprocess
 import time
 from pathlib import Path
 
@@ -16,6 +17,24 @@ from adaptive_attn.lit.callbacks import SparsityStats, SpeedMonitor, peak_memory
 from adaptive_attn.lit.convergence import ConvergenceTracker
 
 SUMMARY_SPARSITY = ("equivalent_keep", "pairs_share", "attn_mass_recall", "attn_mass_recall_random", "indexer_kl")
+
+
+def code_version() -> str | None:
+    """The commit the package was loaded from, "-dirty" when the checkout had changes; None outside git."""
+    try:
+        out = subprocess.run(
+            ["git", "describe", "--always", "--dirty", "--abbrev=40"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None
+
+
+CODE_VERSION = code_version()  # at import: a sweep's later jobs run the code its process loaded
 
 
 def _metric(metrics: dict, key: str) -> float | None:
@@ -75,6 +94,7 @@ def build_summary(cfg: DictConfig, trainer: L.Trainer | None, status: str, wall_
         **{name.replace("/", "_"): _metric(metrics, name) for name in ("val/loss", "val/acc", "test/loss", "test/acc")},
         **slice_summary(metrics),
         "steps": trainer.global_step if trainer is not None else 0,
+        "code_version": CODE_VERSION,
         "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
         "pid": os.getpid(),
         "wall_s": wall_s,

@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from adaptive_attn.ops.dispatch import resolve_backend, sparse_attention, triton_available
-from adaptive_attn.ops.torch_block import torch_block_attention
+from adaptive_attn.ops.torch_block import sequence_groups, torch_block_attention
 from adaptive_attn.ops.torch_token import torch_token_attention
+from adaptive_attn.sparse import losses
 from tests.helpers import assert_backends_agree, attention_and_grads, random_selection
 
 
@@ -53,6 +54,17 @@ def test_block_backend_with_per_sequence_budgets_equals_reference():
     idx, layout = random_selection(3, 96, torch.tensor([1, 6, 3]), 8, 8)
     q, latents, _ = float64_inputs(3, 2, 96, 8)
     assert_equals_reference("torch", q, latents, idx, layout)
+
+
+def test_block_backend_batches_sequences_of_nearly_equal_budgets_under_per_block_masks():
+    """Sequences one block apart share their SDPA calls; the blocks where one of them uses fewer slots get a
+    mask per query block (shared by the heads)."""
+    idx, layout = random_selection(2, 128, 4, 8, 16)
+    idx[1, 5:, 3] = -1
+    assert len(sequence_groups((idx >= 0).sum(-1))) == 1
+    q, latents, bias = float64_inputs(2, 3, 128, 10, idx.shape)
+    assert_equals_reference("torch", q, latents, idx, layout)
+    assert_equals_reference("torch", q, latents, idx, layout, bias)
 
 
 @pytest.mark.parametrize("max_call", [1, 5000])
@@ -139,3 +151,32 @@ def test_block_backend_skips_the_bias_column_only_where_the_bias_is_zero():
     )
     assert_backends_agree(ref, got)
     assert ref["dbias"][:, biased_rows].abs().sum() > 0 and not ref["dbias"][:, ~biased_rows].any()
+
+
+@pytest.mark.parametrize(
+    "L,block,qblock,kb,D,per_row,fits",
+    [
+        (96, 8, 16, 4, 16, False, "all"),  # 10 free columns: every call's blocks, the causal prefix's too
+        (100, 4, 8, 4, 10, True, "some"),  # 4 free columns and the bias one: up to 3 slots (+2 diagonal) only
+        (300, 2, 8, 5, 7, False, "none"),  # one free column and the bias one: not even 4 diagonal blocks
+    ],
+)
+def test_block_backend_returns_each_selected_blocks_attention_mass(L, block, qblock, kb, D, per_row, fits):
+    """The value columns past v_dim carry block indicators where they fit: the op's mass per selected
+    block equals a separate computation of it (`losses.block_mass`), with a rank-mask-like bias (zero in
+    value) in place; rows without room are NaN, and with no such row the op returns None."""
+    idx, layout = random_selection(2, L, kb, block, qblock, per_row=per_row)
+    q, latents, raw_bias = float64_inputs(2, 3, L, D, idx.shape)
+    bias = raw_bias - raw_bias.detach()
+    out, mass = torch_block_attention(q, latents, idx, layout, scale=0.3, v_dim=6, slot_bias=bias)
+    ref, _ = sparse_attention(q, latents, idx, layout, scale=0.3, v_dim=6, backend="reference")
+    assert (out - ref).abs().max() < 1e-10
+    if fits == "none":
+        assert mass is None
+        return
+    padded_q, padded_latents = layout.pad(q.detach(), 2), layout.pad(latents.detach(), 1)
+    expected = losses.block_mass(padded_q, padded_latents, idx, layout, 0, layout.n_rows, 0.3) * (idx >= 0)
+    known = ~mass[..., 0].isnan()
+    selecting = idx[..., 0] >= 0
+    assert bool(known[selecting].all()) == (fits == "all") and known[selecting].any()
+    assert (mass[known] - expected[known]).abs().max() < 1e-10

@@ -7,6 +7,7 @@ import torch
 
 from adaptive_attn.model.llm import FixedSparseMoELLM
 from adaptive_attn.ops.layout import SparseLayout
+from adaptive_attn.ops.torch_block import torch_block_attention
 from adaptive_attn.sparse import losses
 from adaptive_attn.sparse.budget import fixed_k
 from adaptive_attn.sparse.indexer import LightningIndexer
@@ -105,12 +106,17 @@ def test_fixed_block_budget_attends_the_pairs_of_its_keep(keep):
     assert abs(float(stats["equivalent_keep"]) - keep) < 1e-12
 
 
-def test_block_kl_target_matches_a_dense_computation():
+@pytest.mark.parametrize("target_from_op", [False, True])
+def test_block_kl_target_matches_a_dense_computation(target_from_op):
+    """From a separate computation of the target, or from the mass the attention op returned (values of
+    one column, so 7 free columns hold every call's 5 slots and 2 diagonal blocks)."""
     B, H, L, D, block, qblock = 2, 3, 300, 8, 4, 8
     idx, layout = random_selection(B, L, 5, block, qblock)
     q, latents = torch.randn(B, H, L, D, dtype=torch.float64), torch.randn(B, L, D, dtype=torch.float64)
     scores = torch.randn(B, layout.n_rows, layout.n_columns, dtype=torch.float64)
-    got = losses.kl_selected(q, latents, scores, idx, None, layout, scale=0.4)
+    op_mass = torch_block_attention(q, latents, idx, layout, scale=0.4, v_dim=1)[1] if target_from_op else None
+    assert not target_from_op or not op_mass.isnan().any()
+    got = losses.kl_selected(q, latents, scores, idx, op_mass, layout, scale=0.4)
 
     pos = torch.arange(L)
     attended = torch.zeros(B, L, L, dtype=torch.bool)  # built here from the definition, not by the layout
@@ -136,18 +142,26 @@ def test_block_kl_target_matches_a_dense_computation():
     assert abs(float(got) - total / rows) < 1e-9
 
 
-def test_block_kl_from_a_draw_of_query_blocks_is_unbiased():
+@pytest.mark.parametrize("op_rows", ["none", "half"])
+def test_block_kl_from_a_draw_of_query_blocks_is_unbiased(op_rows):
     """The mean of many subsampled estimates equals the full KL within three standard errors (each below 2%
-    of it), and the draws do differ."""
+    of it), and the draws do differ; also when the op returned the target of half the rows (those count
+    exactly, the rest are drawn)."""
     B, H, L, D = 2, 2, 96, 8
     idx, layout = random_selection(B, L, 3, 4, 8, per_row=True)
     idx[1, 5:9] = -1  # rows without a selection in one sequence: the mean is over the rows that have one
     q, latents = torch.randn(B, H, L, D, dtype=torch.float64), torch.randn(B, L, D, dtype=torch.float64)
     scores = torch.randn(B, layout.n_rows, layout.n_columns, dtype=torch.float64)
     full = float(losses.kl_selected(q, latents, scores, idx, None, layout, scale=0.4))
+    op_mass = None
+    if op_rows == "half":
+        op_mass = losses.block_mass(q, latents, idx, layout, 0, layout.n_rows, 0.4) * (idx >= 0)
+        op_mass[0, ::2] = float("nan")
+        op_mass[1, 1::2] = float("nan")
+        assert abs(float(losses.kl_selected(q, latents, scores, idx, op_mass, layout, scale=0.4)) - full) < 1e-12
     draws = torch.tensor(
         [
-            float(losses.kl_selected(q, latents, scores, idx, None, layout, scale=0.4, row_fraction=0.25))
+            float(losses.kl_selected(q, latents, scores, idx, op_mass, layout, scale=0.4, row_fraction=0.25))
             for _ in range(2000)
         ]
     )

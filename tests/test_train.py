@@ -1,4 +1,6 @@
 import json
+import shutil
+import subprocess
 from pathlib import Path
 
 import pandas as pd
@@ -18,6 +20,9 @@ def test_quick_text_run_writes_a_complete_summary(compose_cfg):
     assert 0 < on_disk["pairs_share"] < 1 and abs(on_disk["equivalent_keep"] - 0.25) < 0.02
     assert 0 <= on_disk["attn_mass_recall_random"] < on_disk["attn_mass_recall"] <= 1
     assert (Path(cfg.output_dir) / "checkpoints" / "last.ckpt").exists()
+    if shutil.which("git") and (Path(__file__).parent.parent / ".git").exists():  # a git checkout: its commit
+        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent)
+        assert on_disk["code_version"].removesuffix("-dirty") == head.stdout.strip()
 
 
 def test_quick_mqar_run_reports_answer_accuracy(compose_cfg):

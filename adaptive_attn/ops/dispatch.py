@@ -13,7 +13,9 @@ Backends, each in its own module, tested equal to `reference`:
 - `auto`: on CUDA `triton` for tokens and `flex` for blocks (in multiples of 16 tokens, FlexAttention's
   smallest tile); `torch` otherwise.
 Every backend is called as `fn(q, latents, indices, layout, scale=, v_dim=, slot_bias=, biased_rows=)` and
-returns (out [B, H, L, v_dim], head-averaged slot probabilities [B, L, K] in token mode or None).
+returns (out [B, H, L, v_dim], the indexer KL's target or None): in token mode the head-averaged slot
+probabilities [B, L, K]; in block mode (torch) each selected block's attention mass [B, R, K], NaN in rows
+it had no room for.
 `biased_rows` [R] marks the rows whose slot bias carries a gradient (the others' is zero in value and
 gradient); a backend may use it to skip work, never to change the result.
 """
@@ -128,7 +130,8 @@ def sparse_attention(
     `backend` is a name or a function from `backend_function`. `slot_bias` ([B, R, K]) is added to each
     slot's logit (after scaling); the adaptive budget's soft rank mask is exactly 0 in the forward pass
     and only carries gradient. Token mode also returns the head-averaged attention probabilities of each
-    selected slot ([B, L, K], detached; the indexer's KL target).
+    selected slot ([B, L, K], detached; the indexer's KL target); the torch block backend, each selected
+    block's mass ([B, R, K], detached).
     """
     if isinstance(backend, str):
         backend = backend_function(backend, q.device, layout.block_size, layout.query_block)

@@ -74,7 +74,7 @@ class DeepSeekSparseAttention(nn.Module):
         self.indexer, self.budget, self.selector = indexer, budget, TopKTokenSelector(sink_tokens)
         self.backend, self.soft_rank_tau = backend, soft_rank_tau
         self.measure_recall = measure_recall  # in evaluation only: one dense attention pass per layer
-        self.kl_row_fraction = kl_row_fraction  # block mode, training: the indexer KL from a draw of the rows
+        self.kl_row_fraction = kl_row_fraction  # block mode, training: rows without the op's KL target, from a draw
         self.rank_row_fraction = rank_row_fraction  # block mode, training: the rank mask's gradient likewise
         self.register_buffer("sparse_active", torch.tensor(True))
         self._attention: dict[torch.device, Callable] = {}  # the backend, resolved once per device

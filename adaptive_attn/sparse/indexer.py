@@ -46,11 +46,13 @@ class LightningIndexer(nn.Module):
         if query_positions is not None:
             xq, q_cos, q_sin = x[:, query_positions], cos[query_positions], sin[query_positions]
         T = xq.shape[1]
-        q = self.q_proj(xq).view(B, T, self.n_heads, self.head_dim)
-        q_rope = apply_rope(q[..., : self.rope_dim].transpose(1, 2), q_cos, q_sin).transpose(1, 2)
-        q = torch.cat([q_rope, q[..., self.rope_dim :]], dim=-1) * self.head_dim**-0.5
-        k = self.k_norm(self.k_proj(x))
-        k = torch.cat([apply_rope(k[..., : self.rope_dim], cos, sin), k[..., self.rope_dim :]], dim=-1)
+        # split, not slices: a slice's backward writes a full-size zero gradient, a split's is one concatenation
+        parts = [self.rope_dim, self.head_dim - self.rope_dim]
+        q_rope, q_rest = self.q_proj(xq).view(B, T, self.n_heads, self.head_dim).split(parts, dim=-1)
+        q_rope = apply_rope(q_rope.transpose(1, 2), q_cos, q_sin).transpose(1, 2)
+        q = torch.cat([q_rope, q_rest], dim=-1) * self.head_dim**-0.5
+        k_rope, k_rest = self.k_norm(self.k_proj(x)).split(parts, dim=-1)
+        k = torch.cat([apply_rope(k_rope, cos, sin), k_rest], dim=-1)
         w = self.w_proj(xq) * self.n_heads**-0.5
         return q, w, k
 

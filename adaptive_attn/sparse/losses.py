@@ -5,7 +5,8 @@ attention's probabilities summed over heads and L1-normalised (detached), and th
 KL(p || softmax(I[t, :])). In the dense warm-up the support is the full causal row; in the sparse stage
 it is the selected set only, computed from the gathered rows (cost proportional to k, not L).
 Block mode compares distributions over the key blocks before each query block, with the target
-summed over that block's queries. Everything runs in query chunks to bound memory.
+summed over that block's queries: from the attention op itself where it had room (torch backend), else
+recomputed for a drawn share of the query blocks. Everything runs in query chunks to bound memory.
 """
 
 import math
@@ -22,14 +23,19 @@ def _wide(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
-def _kl(target: torch.Tensor, index_scores: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Row-wise KL(target || softmax(scores)) over the rows that have support -> (sum, rows)."""
+def _kl_rows(target: torch.Tensor, index_scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row-wise KL(target || softmax(scores)) -> (KL per row, 0 where the row has no support; which rows have)."""
     target, index_scores = _wide(target), _wide(index_scores)
     support = target > 0
     log_q = index_scores.masked_fill(~support, float("-inf")).log_softmax(-1)
     terms = torch.where(support, target * (target.clamp_min(1e-30).log() - log_q), torch.zeros_like(target))
-    has_row = support.any(-1)
-    return terms.sum(-1)[has_row].sum(), int(has_row.sum())
+    return terms.sum(-1), support.any(-1)
+
+
+def _kl(target: torch.Tensor, index_scores: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Row-wise KL(target || softmax(scores)) over the rows that have support -> (sum, rows)."""
+    kl, has_row = _kl_rows(target, index_scores)
+    return kl[has_row].sum(), int(has_row.sum())
 
 
 def _normalise(mass: torch.Tensor) -> torch.Tensor:
@@ -72,14 +78,14 @@ def kl_dense(q, latents, scores, layout: SparseLayout, *, scale, chunk_size=128)
 
 
 def kl_selected(q, latents, scores, indices, slot_probs, layout: SparseLayout, *, scale, row_fraction=1.0):
-    """Sparse-stage KL over each row's selected columns. indices [B, R, K]; slot_probs [B, L, K]: the
-    main attention's head-averaged probabilities of the selected tokens (token mode, from the op).
-    Block mode recomputes the target over the gathered blocks, for a random `row_fraction` of the rows
-    (see `_block_kl_selected`)."""
+    """Sparse-stage KL over each row's selected columns. indices [B, R, K]; slot_probs, from the op: token
+    mode, the main attention's head-averaged probabilities of the selected tokens [B, L, K]; block mode,
+    each selected block's mass [B, R, K] (NaN in rows the op had no room for) or None (see
+    `_block_kl_selected`)."""
     if layout.token_level:
         s, n = _kl(_normalise(slot_probs), scores.gather(-1, indices.clamp(min=0)))
         return s / max(n, 1)
-    return _block_kl_selected(q, latents, scores, indices, layout, scale=scale, row_fraction=row_fraction)
+    return _block_kl_selected(q, latents, scores, indices, slot_probs, layout, scale=scale, row_fraction=row_fraction)
 
 
 def draw_rows(layout: SparseLayout, fraction: float) -> tuple[torch.Tensor, float]:
@@ -97,23 +103,30 @@ def draw_rows(layout: SparseLayout, fraction: float) -> tuple[torch.Tensor, floa
     return candidates[(start + torch.arange(m, device=candidates.device)) % C].sort().values, C / m
 
 
-def _block_kl_selected(q, latents, scores, indices, layout: SparseLayout, *, scale, row_fraction=1.0):
-    """Block mode: the mean KL over the (sequence, query block) rows that selected a block, estimated from
-    the query blocks `draw_rows` draws (unbiased: their sum, times C / m, over the count of all such rows;
-    a drawn row that selected nothing adds nothing). Their targets come from fused SDPA calls over the
-    contiguous runs (`block_mass`)."""
+def _block_kl_selected(q, latents, scores, indices, op_mass, layout: SparseLayout, *, scale, row_fraction=1.0):
+    """Block mode: the mean KL over the (sequence, query block) rows that selected a block. Rows whose target
+    the op returned (`op_mass`) count exactly; the others are estimated from the query blocks `draw_rows`
+    draws (unbiased: their sum times C / m), whose targets come from fused SDPA calls over the contiguous
+    runs (`block_mass`). With the op's mass for every row, the KL is exact and nothing is drawn."""
     supported = (indices >= 0).any(-1)  # [B, R]
-    drawn, weight = draw_rows(layout, row_fraction)
-    if len(drawn) == 0 or not supported.any():
+    if not supported.any():
         return scores.new_zeros(())
-    q, latents = layout.pad(q, 2), layout.pad(latents, 1)
+    selected_scores = scores.gather(-1, indices.clamp(min=0))
+    known = torch.zeros_like(supported) if op_mass is None else ~op_mass[..., 0].isnan()
     total = scores.new_zeros(())
-    for run in torch.tensor_split(drawn, (torch.diff(drawn) > 1).nonzero().flatten() + 1):  # contiguous runs
-        qb0, qb1 = int(run[0]), int(run[-1]) + 1
-        target = _normalise(block_mass(q, latents, indices, layout, qb0, qb1, scale) * (indices[:, qb0:qb1] >= 0))
-        s, _ = _kl(target, scores[:, qb0:qb1].gather(-1, indices[:, qb0:qb1].clamp(min=0)))
-        total = total + s
-    return total * weight / int(supported.sum())
+    if known.any():
+        kl, _ = _kl_rows(_normalise(op_mass.nan_to_num() * (indices >= 0)), selected_scores)
+        total = total + kl[known & supported].sum()
+    missing = supported & ~known
+    if missing.any():
+        drawn, weight = draw_rows(layout, row_fraction)
+        q, latents = layout.pad(q, 2), layout.pad(latents, 1)
+        for run in torch.tensor_split(drawn, (torch.diff(drawn) > 1).nonzero().flatten() + 1):  # contiguous runs
+            qb0, qb1 = int(run[0]), int(run[-1]) + 1
+            target = _normalise(block_mass(q, latents, indices, layout, qb0, qb1, scale) * (indices[:, qb0:qb1] >= 0))
+            kl, _ = _kl_rows(target, selected_scores[:, qb0:qb1])
+            total = total + weight * kl[missing[:, qb0:qb1]].sum()
+    return total / int(supported.sum())
 
 
 @torch.no_grad()
