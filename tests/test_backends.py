@@ -180,3 +180,16 @@ def test_block_backend_returns_each_selected_blocks_attention_mass(L, block, qbl
     selecting = idx[..., 0] >= 0
     assert bool(known[selecting].all()) == (fits == "all") and known[selecting].any()
     assert (mass[known] - expected[known]).abs().max() < 1e-10
+
+
+def test_a_rows_output_depends_on_no_other_rows_budget():
+    """Bit for bit: another row's budget changes the calls it shares (here one of its 20 slots goes unused,
+    so its call needs a mask per query block), and every other row's output stays the same (float32)."""
+    idx, layout = random_selection(2, 256, 20, 4, 8)
+    q, latents = torch.randn(2, 3, 256, 10), torch.randn(2, 256, 10)
+    out, _ = torch_block_attention(q, latents, idx, layout, scale=0.3, v_dim=6)
+    idx[1, 20, 19] = -1
+    changed, _ = torch_block_attention(q, latents, idx, layout, scale=0.3, v_dim=6)
+    rows = torch.arange(256) // 8
+    assert not torch.equal(out[1, :, rows == 20], changed[1, :, rows == 20])
+    assert torch.equal(out[0], changed[0]) and torch.equal(out[1, :, rows != 20], changed[1, :, rows != 20])
