@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from adaptive_attn.ops.dispatch import resolve_backend, sparse_attention, triton_available
-from adaptive_attn.ops.torch_block import sequence_groups, torch_block_attention
+from adaptive_attn.ops.torch_block import torch_block_attention
 from adaptive_attn.ops.torch_token import torch_token_attention
 from adaptive_attn.sparse import losses
 from tests.helpers import assert_backends_agree, attention_and_grads, random_selection
@@ -56,14 +56,21 @@ def test_block_backend_with_per_sequence_budgets_equals_reference():
     assert_equals_reference("torch", q, latents, idx, layout)
 
 
-def test_block_backend_batches_sequences_of_nearly_equal_budgets_under_per_block_masks():
-    """Sequences one block apart share their SDPA calls; the blocks where one of them uses fewer slots get a
-    mask per query block (shared by the heads)."""
-    idx, layout = random_selection(2, 128, 4, 8, 16)
-    idx[1, 5:, 3] = -1
-    assert len(sequence_groups((idx >= 0).sum(-1))) == 1
-    q, latents, bias = float64_inputs(2, 3, 128, 10, idx.shape)
+def test_block_backend_takes_one_call_per_slot_width_across_sequences_and_positions(monkeypatch):
+    """After the whole-past prefix (one causal call), rows of any sequence and position that share a slot
+    width share one SDPA call; where some of a call's slots are unused, each query block gets its own mask
+    (shared by its heads)."""
+    idx, layout = random_selection(3, 128, 4, 8, 16)  # query block r selects min(2r, 4) blocks
+    idx[1, 5:, 3] = -1  # 3 blocks from query block 5 on in sequence 1
+    idx[2, 6, 2:] = -1  # 2 blocks in one query block of sequence 2
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(
+        torch.nn.functional, "scaled_dot_product_attention", lambda *a, **kw: calls.append(1) or sdpa(*a, **kw)
+    )
+    q, latents, bias = float64_inputs(3, 3, 128, 10, idx.shape)
     assert_equals_reference("torch", q, latents, idx, layout)
+    assert len(calls) == 1 + 3  # the prefix (query blocks 0-2), then widths 2, 3 and 4
     assert_equals_reference("torch", q, latents, idx, layout, bias)
 
 

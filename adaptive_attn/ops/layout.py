@@ -118,30 +118,28 @@ class SparseLayout:
         B, H, Lp, D = q.shape
         return q.transpose(1, 2).reshape(B, Lp // self.query_block, self.query_block, H, D)
 
-    def gather_key_blocks(self, latents, indices, qb0: int, qb1: int, shared_mask: bool = False):
-        """The key blocks of query blocks [qb0, qb1): their selected blocks, then their diagonal blocks.
+    def gather_key_blocks(self, latents, indices, seqs, rows, shared_mask: bool = False):
+        """The key blocks of n (sequence, query block) rows: their selected blocks, then their diagonal blocks.
 
-        latents [B, Lp, D] (padded), indices [B, nQB, K] (selected past blocks, -1 = unused)
-        -> keys [B, C, S, D], attention mask [B, C, Q, S]. With `shared_mask` (every slot valid) the mask
-        is the same for all rows, [1, 1, Q, S]: past blocks fully visible, the diagonal causal.
+        latents [B, Lp, D] (padded), indices [n, K] (each row's selected past blocks, -1 = unused), seqs and
+        rows [n] (each row's sequence and query block) -> keys [n, S, D], attention mask [n, Q, S]. With
+        `shared_mask` (every slot valid) the mask is the same for all rows, [1, Q, S]: past blocks fully
+        visible, the diagonal causal.
         """
         B, Lp, D = latents.shape
         m, bs, qb = self.blocks_per_query_block, self.block_size, self.query_block
-        rows = torch.arange(qb0, qb1, device=latents.device)
-        diagonal = (rows[:, None] * m + torch.arange(m, device=latents.device)).expand(B, -1, -1)
-        blocks = torch.cat([indices[:, qb0:qb1], diagonal], dim=-1)  # [B, C, Kb]
-        C, Kb = blocks.shape[1], blocks.shape[2]
-        if Kb == m:  # the diagonal blocks alone: the query blocks' own rows, no gather
-            keys = latents.reshape(B, Lp // qb, qb, D)[:, qb0:qb1]
-        else:  # whole blocks are contiguous rows of [B * nKB, bs * D]: index_select copies them at once
-            n_kb = Lp // bs
-            flat = (blocks.clamp(min=0) + torch.arange(B, device=latents.device)[:, None, None] * n_kb).reshape(-1)
-            keys = latents.reshape(B * n_kb, bs * D).index_select(0, flat).view(B, C, Kb * bs, D)
-        arange_q = torch.arange(qb, device=latents.device)
+        device = latents.device
+        diagonal = rows[:, None] * m + torch.arange(m, device=device)
+        blocks = torch.cat([indices, diagonal], dim=-1)  # [n, Kb]
+        n, Kb = blocks.shape
+        n_kb = Lp // bs  # whole blocks are contiguous rows of [B * nKB, bs * D]: index_select copies them at once
+        flat = (blocks.clamp(min=0) + seqs[:, None] * n_kb).reshape(-1)
+        keys = latents.reshape(B * n_kb, bs * D).index_select(0, flat).view(n, Kb * bs, D)
+        arange_q = torch.arange(qb, device=device)
         if shared_mask:
-            past = torch.ones(qb, (Kb - m) * bs, dtype=torch.bool, device=latents.device)
-            return keys, torch.cat([past, arange_q[None, :] <= arange_q[:, None]], dim=1)[None, None]
-        key_pos = (blocks[..., None] * bs + torch.arange(bs, device=latents.device)).view(B, C, -1)
-        key_ok = (blocks >= 0)[..., None].expand(-1, -1, -1, bs).reshape(B, C, -1)
+            past = torch.ones(qb, (Kb - m) * bs, dtype=torch.bool, device=device)
+            return keys, torch.cat([past, arange_q[None, :] <= arange_q[:, None]], dim=1)[None]
+        key_pos = (blocks[..., None] * bs + torch.arange(bs, device=device)).view(n, -1)
+        key_ok = (blocks >= 0)[..., None].expand(-1, -1, bs).reshape(n, -1)
         q_pos = rows[:, None] * qb + arange_q
-        return keys, key_ok[:, :, None, :] & (key_pos[:, :, None, :] <= q_pos[None, :, :, None])
+        return keys, key_ok[:, None, :] & (key_pos[:, None, :] <= q_pos[:, :, None])

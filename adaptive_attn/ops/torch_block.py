@@ -1,23 +1,25 @@
 """The torch block backend: the selected key blocks are gathered and fed to fused SDPA, whose flash
 backward is reused, so compute follows k.
 
-All heads of a query block attend the same gathered blocks. Where every slot of a call is in use, one
-mask serves all its query blocks, and a query block's Q queries of H heads go to SDPA as one head of
-Q * H rows (one large product instead of H small ones; no copy when q is laid out [B, L, H, D] in
-memory, as MLA's absorbed queries are). Where some slots are unused, each query block needs its own
-mask: the heads then stay a dimension of SDPA with one shared key head (GQA), so the mask is [Q, S]
-per query block, not repeated for each head (a mask H times larger cost as much as the attention).
-Four things keep the work close to the selection's own:
-- sequences whose selections use widely different numbers of blocks go one by one (`sequence_groups`);
-- consecutive query blocks of one slot width share one SDPA call, cut at that width (`query_block_groups`,
-  `slot_width`: a block's own count rounded up by at most 1/8), within a size that keeps calls large but
-  masks small;
-- the leading query blocks that selected every block before them take one causal SDPA over their
-  prefix (`whole_past_query_blocks`): no gather, no mask, only the causal half computed;
-- inputs are cut with `split`, whose backward is one concatenation, rather than sliced per call,
-  whose backward writes a full-size zero gradient each time.
+Each (sequence, query block) row attends its selected key blocks and its own diagonal blocks, with all
+its heads. Three things keep the work close to the selection's own:
+- the leading query blocks that selected every block before them, in every sequence, take one causal
+  SDPA over their prefix (`whole_past_query_blocks`): no gather, no mask, only the causal half computed;
+- the other rows are grouped by slot width (`slot_widths`: a row's own count, rounded up by at most 1/8)
+  and, with a slot bias, by whether their bias carries a gradient; each group takes one SDPA call (a few
+  within `max_call` pairs), whichever sequences and positions its rows come from, so budgets that vary
+  per sequence and per query block take about as many calls as there are widths (`row_groups`);
+- rows are reordered only when a group is not already contiguous (one copy each way), and inputs are cut
+  with `split`, whose backward is one concatenation, rather than sliced per call, whose backward writes a
+  full-size zero gradient each time.
+A group's rows share whether every slot is in use: then one mask serves them all, and a row's Q queries
+of H heads go to SDPA as one head of Q * H rows (one large product instead of H small ones). Otherwise
+each row needs its own mask, and the heads stay a dimension of SDPA with one shared key head (GQA), so
+the mask is [Q, S] per row rather than repeated per head. Every grouping key is a property of the row
+alone, so a row's arithmetic never depends on other rows' budgets.
+
 A slot bias rides in one extra dimension (query 1, key bias / scale), so SDPA adds it to the logits
-and returns its gradient through the keys'; only the query blocks marked `biased_rows` pay for it.
+and returns its gradient through the keys'; only the rows marked `biased_rows` pay for it.
 
 The values are the latent rows' first `v_dim` columns; the rest of a row (MLA's RoPE key) is no value,
 so where a call's key blocks fit in those columns they carry one-hot block indicators, and the output
@@ -41,42 +43,39 @@ def concat(parts: list[torch.Tensor], dim: int = 0) -> torch.Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
 
 
-def sequence_groups(used: torch.Tensor, max_padding: float = 1.25) -> list[slice]:
-    """Batch the sequences together, or one by one when their budgets differ so much that padding all
-    to the largest would cost over `max_padding` times the work of each sequence's own k.
-    used: [B, R] slots in use per row."""
-    B = used.shape[0]
-    used = used.float()
-    padded = B * used.amax(0).sum()
-    return [slice(b, b + 1) for b in range(B)] if B > 1 and padded > max_padding * used.sum() else [slice(0, B)]
-
-
 def whole_past_query_blocks(used: torch.Tensor, layout: SparseLayout) -> int:
     """Leading query blocks whose selection, in every row of used [B, nQB], holds every key block before
     them (their selection is then their whole causal prefix; the first always qualifies)."""
     return int((used == layout.n_eligible).all(0).long().cumprod(0).sum())
 
 
-def slot_width(n: int) -> int:
-    """The slots a query block using n gathers: n rounded up to a multiple of 2^(floor(log2 n) - 3), at most
-    1/8 more. A function of the block's own count, so its arithmetic (and every bit of its output) never
-    depends on the other blocks' budgets, while budgets that vary a little share a width."""
-    step = 1 << max(0, n.bit_length() - 4)
-    return -(-n // step) * step
+def slot_widths(used: torch.Tensor) -> torch.Tensor:
+    """The slots each row gathers for the n blocks it uses: n rounded up to a multiple of
+    2^(floor(log2 n) - 3), at most 1/8 more, so that budgets that vary a little share a width."""
+    n = used.long()
+    bit_length = torch.floor(torch.log2(n.clamp_min(1).double())).long() + 1
+    step = 1 << (bit_length - 4).clamp_min(0)
+    return (n + step - 1) // step * step
 
 
-def query_block_groups(used: torch.Tensor, max_blocks: int, biased: list[bool]) -> list[tuple[int, int, int, bool]]:
-    """Consecutive query blocks sharing one slot width and one `biased` flag, attended in one call ->
-    [(qb0, qb1, slots, biased)], at most `max_blocks` blocks each. used: [nQB] slots in use (valid slots
-    come first); the slots between a block's count and its width are masked."""
-    groups: list[tuple[int, int, int, bool]] = []
-    for qb, (n, flag) in enumerate(zip(used.tolist(), biased)):
-        width = slot_width(n)
-        if groups and groups[-1][2:] == (width, flag) and qb - groups[-1][0] < max_blocks:
-            groups[-1] = (groups[-1][0], qb + 1, width, flag)
-        else:
-            groups.append((qb, qb + 1, width, flag))
-    return groups
+def row_groups(used: torch.Tensor, flags: torch.Tensor, layout: SparseLayout, heads: int, max_call: int):
+    """Rows by their slots in use [n] and bias flag [n] -> (the permutation that sorts them by group, or None
+    when they are in order already; [(positions in that order, width, flag, full)], each cut so that its
+    (query row, key) pairs stay within `max_call`). A group's rows share a slot width, a flag and whether
+    every slot is in use (`full`)."""
+    widths = slot_widths(used)
+    key = (widths * 2 + flags.long()) * 2 + (used == widths).long()
+    order = torch.argsort(key, stable=True)
+    pairs_per_block = layout.query_block * heads * layout.block_size
+    groups, start = [], 0
+    for value, count in zip(*[t.tolist() for t in torch.unique_consecutive(key[order], return_counts=True)]):
+        (width, flag), full = divmod(value // 2, 2), bool(value % 2)
+        per_call = max(1, max_call // (pairs_per_block * (width + layout.blocks_per_query_block)))
+        for chunk in range(start, start + count, per_call):
+            groups.append((slice(chunk, min(chunk + per_call, start + count)), width, bool(flag), full))
+        start += count
+    in_order = bool((order == torch.arange(len(order), device=order.device)).all())
+    return None if in_order else order, groups
 
 
 def torch_block_attention(
@@ -85,66 +84,63 @@ def torch_block_attention(
     """q [B, H, L, D], latents [B, L, D], indices [B, nQB, K] -> (out [B, H, L, v_dim], block mass [B, nQB, K]:
     each selected block's attention mass, summed over its query block's queries and averaged over heads;
     NaN in the rows whose call had no room for it, None when no row had).
-    One SDPA call takes as many query blocks as keep its (query row, key) pairs within `max_call`.
+    One SDPA call takes as many rows as keep its (query row, key) pairs within `max_call`.
     `biased_rows` [nQB] (bool, with a slot bias) marks the query blocks whose bias carries a gradient;
     the others' bias is zero in value and gradient, so they skip its column (by default every block)."""
-    L, K = q.shape[2], indices.shape[-1]
+    B, H, L, D = q.shape
+    R, Q, K = layout.n_rows, layout.query_block, indices.shape[-1]
     q_rows, latents = layout.pad(q.transpose(1, 2), 1), layout.pad(latents, 1)  # [B, Lp, H, D], [B, Lp, D]
-    extra = slot_width(K) - K  # room for every block's width
-    indices = F.pad(indices, (0, extra), value=-1)
-    slot_bias = None if slot_bias is None else F.pad(slot_bias, (0, extra))
-    groups = sequence_groups((indices >= 0).sum(-1))
-    sizes = [g.stop - g.start for g in groups]
-    biased = [slot_bias is not None] * layout.n_rows if biased_rows is None else biased_rows.tolist()
-    outs, masses = zip(
-        *[
-            attend_sequences(
-                q_g,
-                latents_g,
-                indices[g],
-                None if slot_bias is None else slot_bias[g],
-                biased,
-                layout,
-                scale,
-                v_dim,
-                max_call,
-            )
-            for g, q_g, latents_g in zip(groups, split(q_rows, sizes), split(latents, sizes))
-        ]
-    )
-    mass = concat(list(masses))[..., :K]
-    carried = K > 0 and bool((~mass[..., 0].isnan() & (indices[..., 0] >= 0)).any())  # by a row that selected
-    return concat(list(outs))[:, :L].transpose(1, 2), mass if carried else None
-
-
-def attend_sequences(q, latents, indices, slot_bias, biased, layout: SparseLayout, scale, v_dim, max_call):
-    """Sequences that share their SDPA calls: q [b, Lp, H, D] -> (out [b, Lp, H, v_dim], block mass [b, nQB, K])"""
-    nb, _, H, D = q.shape
-    qb, m = layout.query_block, layout.blocks_per_query_block
-    used = (indices >= 0).sum(-1)  # [b, nQB]
-    n_prefix = min(whole_past_query_blocks(used, layout), (biased + [True]).index(True))
+    flags = torch.full((R,), slot_bias is not None, device=q.device) if biased_rows is None else biased_rows
+    flags = flags & (slot_bias is not None)
+    first_biased = int(flags.nonzero()[0]) if flags.any() else R
+    n_prefix = min(whole_past_query_blocks((indices >= 0).sum(-1), layout), first_biased)
     n_prefix = n_prefix if n_prefix > 1 else 0  # one call instead of one per block, so from two blocks on
-    used_max = used.amax(0)
-    pairs_per_block = nb * qb * H * (int(used_max.max()) + m) * layout.block_size
-    groups = [
-        (qb0 + n_prefix, qb1 + n_prefix, slots, flag)
-        for qb0, qb1, slots, flag in query_block_groups(
-            used_max[n_prefix:], max(1, max_call // pairs_per_block), biased[n_prefix:]
-        )
-    ]
-    q_parts = split(q, [n_prefix * qb] * bool(n_prefix) + [(qb1 - qb0) * qb for qb0, qb1, *_ in groups], dim=1)
-    chunks, masses = [], []
+    q_prefix, q_rest = split(q_rows, [n_prefix * Q, (R - n_prefix) * Q], dim=1) if n_prefix else (None, q_rows)
+    outs, masses = [], []
     if n_prefix:
-        q_prefix, *q_parts = q_parts
-        o, mass = prefix_attention(q_prefix, latents, indices, layout, n_prefix, scale, v_dim)
-        chunks.append(o)
+        o, mass = prefix_attention(q_prefix, latents, indices[:, :n_prefix], layout, scale, v_dim)
+        outs.append(o)
         masses.append(mass)
-    for (qb0, qb1, slots, flag), q_part in zip(groups, q_parts):
-        bias = slot_bias[:, qb0:qb1, :slots] if flag else None
-        o, mass = gathered_attention(q_part, latents, indices[..., :slots], bias, layout, qb0, qb1, scale, v_dim)
-        chunks.append(o)
-        masses.append(F.pad(mass, (0, indices.shape[-1] - slots)))
-    return concat(chunks, dim=1), concat(masses, dim=1)
+    if n_prefix < R:
+        bias = None if slot_bias is None else slot_bias[:, n_prefix:]
+        o, mass = grouped_attention(
+            q_rest, latents, indices[:, n_prefix:], bias, flags[n_prefix:], n_prefix, layout, scale, v_dim, max_call
+        )
+        outs.append(o)
+        masses.append(mass)
+    mass = concat(masses, dim=1)
+    carried = K > 0 and bool((~mass[..., 0].isnan() & (indices[..., 0] >= 0)).any())  # by a row that selected
+    return concat(outs, dim=1)[:, :L].transpose(1, 2), mass if carried else None
+
+
+def grouped_attention(q, latents, indices, slot_bias, flags, row0: int, layout: SparseLayout, scale, v_dim, max_call):
+    """Query blocks row0.. of every sequence, in the calls of `row_groups`: q [B, R' * Q, H, D], indices and
+    slot_bias [B, R', K], flags [R'] -> (out [B, R' * Q, H, v_dim], block mass [B, R', K])"""
+    B, _, H, D = q.shape
+    rows_per_seq, K, Q = indices.shape[1], indices.shape[2], layout.query_block
+    width_max = int(slot_widths(torch.tensor(K)))  # room for every row's width
+    indices = F.pad(indices, (0, width_max - K), value=-1).reshape(B * rows_per_seq, width_max)
+    bias = None if slot_bias is None else F.pad(slot_bias, (0, width_max - K)).reshape(B * rows_per_seq, width_max)
+    flat = torch.arange(B * rows_per_seq, device=q.device)
+    seqs, rows = flat // rows_per_seq, flat % rows_per_seq + row0
+    q = q.reshape(B * rows_per_seq, Q, H, D)
+    order, groups = row_groups((indices >= 0).sum(-1), flags.repeat(B), layout, H, max_call)
+    if order is not None:
+        q, indices, seqs, rows = (t.index_select(0, order) for t in (q, indices, seqs, rows))
+        bias = None if bias is None else bias.index_select(0, order)
+    outs, masses = [], []
+    for (part, width, flag, full), q_part in zip(groups, split(q, [g[0].stop - g[0].start for g in groups])):
+        row_bias = bias[part, :width] if flag else None
+        o, mass = gathered_attention(
+            q_part, latents, indices[part, :width], seqs[part], rows[part], row_bias, full, layout, scale, v_dim
+        )
+        outs.append(o)
+        masses.append(F.pad(mass, (0, width_max - width)))  # unused slots hold no mass
+    out, mass = concat(outs), concat(masses)
+    if order is not None:
+        inverse = torch.argsort(order)
+        out, mass = out.index_select(0, inverse), mass.index_select(0, inverse)
+    return out.view(B, rows_per_seq * Q, H, v_dim), mass[:, :K].view(B, rows_per_seq, K)
 
 
 def indicator_values(keys: torch.Tensor, v_dim: int, n_blocks: int, block_size: int) -> tuple[torch.Tensor, bool]:
@@ -159,52 +155,49 @@ def indicator_values(keys: torch.Tensor, v_dim: int, n_blocks: int, block_size: 
     return torch.cat([keys[..., :v_dim], indicator.expand(*keys.shape[:-2], S, W - v_dim)], -1), True
 
 
-def mass_per_block(o: torch.Tensor, v_dim: int, n_blocks: int, layout: SparseLayout, qb0: int) -> torch.Tensor:
-    """Output rows [b, C * Q, H, W] of queries [qb0 * Q, (qb0 + C) * Q) over indicator values -> each key block's
-    mass summed over the real (not padding) queries of its query block, averaged over heads: [b, C, n_blocks]"""
-    nb, rows, H, _ = o.shape
-    C, Q = rows // layout.query_block, layout.query_block
-    real = torch.arange(qb0 * Q, qb0 * Q + rows, device=o.device) < layout.seq_len
-    mass = o.detach()[..., v_dim : v_dim + n_blocks].mean(2) * real[:, None]
-    return mass.view(nb, C, Q, n_blocks).sum(2)
+def mass_per_block(o: torch.Tensor, v_dim: int, n_blocks: int, real: torch.Tensor) -> torch.Tensor:
+    """Output rows [n, Q, H, W] over indicator values, real (not padding) queries [n, Q] -> each key block's
+    mass summed over the real queries, averaged over heads: [n, n_blocks]"""
+    return (o.detach()[..., v_dim : v_dim + n_blocks].mean(2) * real[..., None]).sum(1)
 
 
-def prefix_attention(q, latents, indices, layout: SparseLayout, n_prefix: int, scale, v_dim):
+def prefix_attention(q, latents, indices, layout: SparseLayout, scale, v_dim):
     """The leading query blocks that selected their whole past: one causal SDPA over their prefix, no gather.
-    q [b, P, H, D] -> (out [b, P, H, v_dim], block mass [b, n_prefix, K])"""
-    H, P = q.shape[2], q.shape[1]
+    q [B, P, H, D], indices [B, n, K] (P = n query blocks) -> (out [B, P, H, v_dim], block mass [B, n, K])"""
+    B, P, H, _ = q.shape
+    n, Q = indices.shape[1], layout.query_block
     keys = latents[:, None, :P].expand(-1, H, -1, -1)
     n_blocks = P // layout.block_size
     values, carries_mass = indicator_values(keys, v_dim, n_blocks, layout.block_size)
     o = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, is_causal=True, scale=scale).transpose(1, 2)
-    selected = indices[:, :n_prefix]
     if not carries_mass:
-        return o[..., :v_dim], torch.full(selected.shape, float("nan"), dtype=o.dtype, device=o.device)
-    mass = mass_per_block(o, v_dim, n_blocks, layout, 0)  # per key block, in position order
-    return o[..., :v_dim], mass.gather(-1, selected.clamp(min=0)) * (selected >= 0)
+        return o[..., :v_dim], torch.full(indices.shape, float("nan"), dtype=o.dtype, device=o.device)
+    real = (torch.arange(P, device=q.device) < layout.seq_len).view(n, Q)
+    mass = mass_per_block(o.reshape(B * n, Q, H, -1), v_dim, n_blocks, real.repeat(B, 1)).view(B, n, n_blocks)
+    return o[..., :v_dim], mass.gather(-1, indices.clamp(min=0)) * (indices >= 0)  # per block -> per slot
 
 
-def gathered_attention(q, latents, indices, slot_bias, layout: SparseLayout, qb0, qb1, scale, v_dim):
-    """Query blocks [qb0, qb1) over their gathered key blocks: q [b, C * Q, H, D] -> (out [b, C * Q, H, v_dim],
-    block mass [b, C, K] of the K selected slots, NaN if it did not fit)"""
-    nb, _, H, D = q.shape
-    Q, C = layout.query_block, qb1 - qb0
-    shared = bool((indices[:, qb0:qb1] >= 0).all())
-    keys, mask = layout.gather_key_blocks(latents, indices, qb0, qb1, shared_mask=shared)
-    keys = keys.flatten(0, 1)[:, None]  # [b * C, 1, S, D]: one SDPA batch row per query block
-    if shared:  # one mask for all: a query block's Q * H (query, head) rows as one head
-        queries, mask = q.reshape(nb * C, 1, Q * H, D), mask.repeat_interleave(H, dim=2)
-    else:  # a mask per query block, shared by its H heads (one key head for them), never repeated per head
-        queries, mask = q.reshape(nb * C, Q, H, D).transpose(1, 2), mask.flatten(0, 1)[:, None]
+def gathered_attention(q, latents, indices, seqs, rows, slot_bias, shared: bool, layout: SparseLayout, scale, v_dim):
+    """n rows over their gathered key blocks: q [n, Q, H, D], indices [n, w], seqs and rows [n] (each row's
+    sequence and query block); `shared`: every slot of every row in use -> (out [n, Q, H, v_dim], the mass of
+    the w selected slots [n, w], NaN where it did not fit)"""
+    n, Q, H, D = q.shape
+    keys, mask = layout.gather_key_blocks(latents, indices, seqs, rows, shared_mask=shared)
+    keys = keys[:, None]  # [n, 1, S, D]: one SDPA batch row per (sequence, query block)
+    if shared:  # one mask for all: a row's Q * H (query, head) pairs as one head
+        queries, mask = q.reshape(n, 1, Q * H, D), mask.repeat_interleave(H, dim=1)[None]
+    else:  # a mask per row, shared by its H heads (one key head for them), never repeated per head
+        queries, mask = q.transpose(1, 2), mask[:, None]
     if slot_bias is not None:
-        bias = torch.cat([slot_bias.to(q.dtype), slot_bias.new_zeros(nb, C, layout.blocks_per_query_block)], -1)
+        bias = torch.cat([slot_bias.to(q.dtype), slot_bias.new_zeros(n, layout.blocks_per_query_block)], -1)
         bias = (bias / scale).repeat_interleave(layout.block_size, -1).view(*keys.shape[:-1], 1)
         queries = torch.cat([queries, queries.new_ones(*queries.shape[:-1], 1)], dim=-1)
         keys = torch.cat([keys, bias.to(keys.dtype)], dim=-1)
-    K = indices.shape[-1]
-    values, carries_mass = indicator_values(keys, v_dim, K + layout.blocks_per_query_block, layout.block_size)
+    w = indices.shape[-1]
+    values, carries_mass = indicator_values(keys, v_dim, w + layout.blocks_per_query_block, layout.block_size)
     o = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, scale=scale, enable_gqa=not shared)
-    o = o.view(nb, C * Q, H, -1) if shared else o.transpose(1, 2).reshape(nb, C * Q, H, -1)
+    o = o.view(n, Q, H, -1) if shared else o.transpose(1, 2)
     if not carries_mass:
-        return o[..., :v_dim], o.new_full((nb, C, K), float("nan"))
-    return o[..., :v_dim], mass_per_block(o, v_dim, K, layout, qb0)
+        return o[..., :v_dim], o.new_full((n, w), float("nan"))
+    real = (rows[:, None] * Q + torch.arange(Q, device=q.device)) < layout.seq_len
+    return o[..., :v_dim], mass_per_block(o, v_dim, w, real)

@@ -138,17 +138,20 @@ def block_mass(q, latents, indices, layout: SparseLayout, qb0: int, qb1: int, sc
     mass per block: the fused kernel does the softmax and the sum."""
     B, H, Lp, D = q.shape
     C, K, Q = qb1 - qb0, indices.shape[-1], layout.query_block
-    shared = bool((indices[:, qb0:qb1] >= 0).all())
-    keys, mask = layout.gather_key_blocks(latents, indices, qb0, qb1, shared_mask=shared)  # [B, C, S, D]
-    S = keys.shape[2]
+    selected = indices[:, qb0:qb1].reshape(B * C, K)
+    seqs = torch.arange(B, device=q.device).repeat_interleave(C)
+    rows = torch.arange(qb0, qb1, device=q.device).repeat(B)
+    shared = bool((selected >= 0).all())
+    keys, mask = layout.gather_key_blocks(latents, selected, seqs, rows, shared_mask=shared)  # [B * C, S, D]
+    S = keys.shape[1]
     n_blocks = S // layout.block_size  # the selected slots, then the diagonal blocks
     block_of = torch.arange(S, device=q.device) // layout.block_size
     width = max(D, n_blocks)  # as wide as the queries and keys where it can: SDPA then takes its fused kernel
     indicator = (block_of[:, None] == torch.arange(width, device=q.device)).to(q.dtype)  # [S, width]
     queries = layout.query_blocks(q)[:, qb0:qb1].reshape(B * C, 1, Q * H, D)
-    mask = mask.repeat_interleave(H, dim=2).flatten(0, 1)[:, None]
+    mask = mask.repeat_interleave(H, dim=1)[:, None]
     out = F.scaled_dot_product_attention(
-        queries, keys.reshape(B * C, 1, S, D), indicator.expand(B * C, 1, S, width), attn_mask=mask, scale=scale
+        queries, keys[:, None], indicator.expand(B * C, 1, S, width), attn_mask=mask, scale=scale
     )
     real = torch.arange(qb0 * Q, qb1 * Q, device=q.device) < layout.seq_len  # queries that are not padding
     mass = out.view(B, C, Q, H, width)[..., :K].mean(3) * real.view(1, C, Q, 1)
