@@ -200,3 +200,21 @@ def test_a_rows_output_depends_on_no_other_rows_budget():
     rows = torch.arange(256) // 8
     assert not torch.equal(out[1, :, rows == 20], changed[1, :, rows == 20])
     assert torch.equal(out[0], changed[0]) and torch.equal(out[1, :, rows != 20], changed[1, :, rows != 20])
+
+
+@pytest.mark.parametrize("D", [8, 16])  # 2 free value columns: the bias column; 10: through the values
+@pytest.mark.parametrize("some_rows", [False, True])
+def test_rank_mask_gradient_equals_reference(D, some_rows):
+    """A bias of value 0 (the adaptive budget's rank mask) has the reference's gradient whether it rides in
+    an extra column or, where the block indicators fit, in value factors and a mass correction."""
+    idx, layout = random_selection(3, 96, 4, 8, 16, per_row=True)
+    q, latents, _ = float64_inputs(3, 2, 96, D)
+    bias = torch.zeros(idx.shape, dtype=torch.float64, requires_grad=True)
+    biased_rows = torch.tensor([False, True, True, False, True, False]) if some_rows else None
+    weight = None if biased_rows is None else biased_rows.double()[None, :, None]
+    ref = attention_and_grads("reference", q, latents, idx, layout, bias, weight=weight)
+    got = attention_and_grads(
+        torch_block_attention, q, latents, idx, layout, bias, weight=weight, biased_rows=biased_rows
+    )
+    assert_backends_agree(ref, got)
+    assert ref["dbias"].abs().max() > 0.01

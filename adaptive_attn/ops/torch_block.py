@@ -18,8 +18,13 @@ each row needs its own mask, and the heads stay a dimension of SDPA with one sha
 the mask is [Q, S] per row rather than repeated per head. Every grouping key is a property of the row
 alone, so a row's arithmetic never depends on other rows' budgets.
 
-A slot bias rides in one extra dimension (query 1, key bias / scale), so SDPA adds it to the logits
-and returns its gradient through the keys'; only the rows marked `biased_rows` pay for it.
+A slot bias b_j adds to the logits of slot j's keys; only the rows marked `biased_rows` pay for it. The
+adaptive budget's rank mask is 0 in value and needs only its gradient, sum over queries i and keys s of
+block j of dL/dlogit_is = sum_i dO_i . W_ij - (dO_i . O_i) m_ij, where W_ij is the part of O_i that block j's
+values make and m_ij the block's mass. Where the block indicators fit (below), values scaled by 1 + b_j give
+the first term and a correction -O_i sum_j b_j m_ij (O and m detached) the second: no extra column. Any
+other bias rides in one extra dimension (query 1, key bias / scale), so SDPA adds it to the logits and
+returns its gradient through the keys' (an odd width: such calls run about a third slower on a CPU).
 
 The values are the latent rows' first `v_dim` columns; the rest of a row (MLA's RoPE key) is no value,
 so where a call's key blocks fit in those columns they carry one-hot block indicators, and the output
@@ -188,16 +193,24 @@ def gathered_attention(q, latents, indices, seqs, rows, slot_bias, shared: bool,
         queries, mask = q.reshape(n, 1, Q * H, D), mask.repeat_interleave(H, dim=1)[None]
     else:  # a mask per row, shared by its H heads (one key head for them), never repeated per head
         queries, mask = q.transpose(1, 2), mask[:, None]
-    if slot_bias is not None:
-        bias = torch.cat([slot_bias.to(q.dtype), slot_bias.new_zeros(n, layout.blocks_per_query_block)], -1)
-        bias = (bias / scale).repeat_interleave(layout.block_size, -1).view(*keys.shape[:-1], 1)
+    w, m, bs = indices.shape[-1], layout.blocks_per_query_block, layout.block_size
+    values, carries_mass = indicator_values(keys, v_dim, w + m, bs)
+    bias = None if slot_bias is None else torch.cat([slot_bias, slot_bias.new_zeros(n, m)], -1).to(q.dtype)
+    through_values = bias is not None and carries_mass and not bool(slot_bias.detach().any())
+    if through_values:  # a bias of value 0 (the rank mask): its gradient through value factors 1 + b
+        factor = (1 + bias).repeat_interleave(bs, -1)[:, None, :, None]  # [n, 1, S, 1]
+        values = torch.cat([values[..., :v_dim] * factor, values[..., v_dim:]], -1)
+    elif bias is not None:  # any other bias: in one extra dimension of the queries and keys
         queries = torch.cat([queries, queries.new_ones(*queries.shape[:-1], 1)], dim=-1)
-        keys = torch.cat([keys, bias.to(keys.dtype)], dim=-1)
-    w = indices.shape[-1]
-    values, carries_mass = indicator_values(keys, v_dim, w + layout.blocks_per_query_block, layout.block_size)
+        keys = torch.cat([keys, (bias / scale).repeat_interleave(bs, -1).view(*keys.shape[:-1], 1)], dim=-1)
+        values, carries_mass = indicator_values(keys, v_dim, w + m, bs)
     o = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, scale=scale, enable_gqa=not shared)
     o = o.view(n, Q, H, -1) if shared else o.transpose(1, 2)
+    out = o[..., :v_dim]
+    if through_values:  # d out / d b_j = (mass-weighted values of block j) - out * mass_j: the second term
+        block_mass = o.detach()[..., v_dim : v_dim + w + m]  # [n, Q, H, w + m] per query and head
+        out = out - out.detach() * (block_mass * bias[:, None, None, :]).sum(-1, keepdim=True)
     if not carries_mass:
-        return o[..., :v_dim], o.new_full((n, w), float("nan"))
+        return out, o.new_full((n, w), float("nan"))
     real = (rows[:, None] * Q + torch.arange(Q, device=q.device)) < layout.seq_len
-    return o[..., :v_dim], mass_per_block(o, v_dim, w, real)
+    return out, mass_per_block(o, v_dim, w, real)
