@@ -9,7 +9,7 @@ its heads. Three things keep the work close to the selection's own:
   and, with a slot bias, by whether their bias carries a gradient; each group takes one SDPA call (a few
   within `max_call` pairs), whichever sequences and positions its rows come from, so budgets that vary
   per sequence and per query block take about as many calls as there are widths (`row_groups`);
-- rows are reordered only when a group is not already contiguous (one copy each way), and inputs are cut
+- rows are reordered only when they are not in group order already (one copy each way), and inputs are cut
   with `split`, whose backward is one concatenation, rather than sliced per call, whose backward writes a
   full-size zero gradient each time.
 A group's rows share whether every slot is in use: then one mask serves them all, and a row's Q queries
