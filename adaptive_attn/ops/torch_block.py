@@ -148,16 +148,20 @@ def grouped_attention(q, latents, indices, slot_bias, flags, row0: int, layout: 
     return out.view(B, rows_per_seq * Q, H, v_dim), mass[:, :K].view(B, rows_per_seq, K)
 
 
-def indicator_values(keys: torch.Tensor, v_dim: int, n_blocks: int, block_size: int) -> tuple[torch.Tensor, bool]:
-    """keys [..., S, W] -> (values, whether they carry block indicators): the keys' first v_dim columns, then
-    for each of the n_blocks key blocks a column that is 1 on its rows; the keys themselves when the
-    indicators do not fit in the other W - v_dim columns (whose output no one reads)."""
+def indicator_values(
+    keys: torch.Tensor, v_dim: int, n_blocks: int, block_size: int, factor: torch.Tensor | None = None
+) -> tuple[torch.Tensor, bool]:
+    """keys [..., S, W] -> (values, whether they carry block indicators): the keys' first v_dim columns (times
+    `factor` [..., S, 1], if given), then for each of the n_blocks key blocks a column that is 1 on its rows;
+    the keys themselves when the indicators do not fit in the other W - v_dim columns (whose output no one
+    reads)."""
     S, W = keys.shape[-2:]
     if n_blocks > W - v_dim:
         return keys, False
     block_of = torch.arange(S, device=keys.device) // block_size
     indicator = (block_of[:, None] == torch.arange(W - v_dim, device=keys.device)).to(keys.dtype)
-    return torch.cat([keys[..., :v_dim], indicator.expand(*keys.shape[:-2], S, W - v_dim)], -1), True
+    value_part = keys[..., :v_dim] if factor is None else keys[..., :v_dim] * factor
+    return torch.cat([value_part, indicator.expand(*keys.shape[:-2], S, W - v_dim)], -1), True
 
 
 def mass_per_block(o: torch.Tensor, v_dim: int, n_blocks: int, real: torch.Tensor) -> torch.Tensor:
@@ -171,9 +175,10 @@ def prefix_attention(q, latents, indices, layout: SparseLayout, scale, v_dim):
     q [B, P, H, D], indices [B, n, K] (P = n query blocks) -> (out [B, P, H, v_dim], block mass [B, n, K])"""
     B, P, H, _ = q.shape
     n, Q = indices.shape[1], layout.query_block
-    keys = latents[:, None, :P].expand(-1, H, -1, -1)
+    keys = latents[:, None, :P]
     n_blocks = P // layout.block_size
-    values, carries_mass = indicator_values(keys, v_dim, n_blocks, layout.block_size)
+    values, carries_mass = indicator_values(keys, v_dim, n_blocks, layout.block_size)  # built once for all heads
+    keys, values = keys.expand(-1, H, -1, -1), values.expand(-1, H, -1, -1)
     o = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, is_causal=True, scale=scale).transpose(1, 2)
     if not carries_mass:
         return o[..., :v_dim], torch.full(indices.shape, float("nan"), dtype=o.dtype, device=o.device)
@@ -194,16 +199,16 @@ def gathered_attention(q, latents, indices, seqs, rows, slot_bias, shared: bool,
     else:  # a mask per row, shared by its H heads (one key head for them), never repeated per head
         queries, mask = q.transpose(1, 2), mask[:, None]
     w, m, bs = indices.shape[-1], layout.blocks_per_query_block, layout.block_size
-    values, carries_mass = indicator_values(keys, v_dim, w + m, bs)
     bias = None if slot_bias is None else torch.cat([slot_bias, slot_bias.new_zeros(n, m)], -1).to(q.dtype)
-    through_values = bias is not None and carries_mass and not bool(slot_bias.detach().any())
+    fits = w + m <= keys.shape[-1] - v_dim  # the block indicators, in the value columns past v_dim
+    through_values = bias is not None and fits and not bool(slot_bias.detach().any())
+    factor = None
     if through_values:  # a bias of value 0 (the rank mask): its gradient through value factors 1 + b
         factor = (1 + bias).repeat_interleave(bs, -1)[:, None, :, None]  # [n, 1, S, 1]
-        values = torch.cat([values[..., :v_dim] * factor, values[..., v_dim:]], -1)
     elif bias is not None:  # any other bias: in one extra dimension of the queries and keys
         queries = torch.cat([queries, queries.new_ones(*queries.shape[:-1], 1)], dim=-1)
         keys = torch.cat([keys, (bias / scale).repeat_interleave(bs, -1).view(*keys.shape[:-1], 1)], dim=-1)
-        values, carries_mass = indicator_values(keys, v_dim, w + m, bs)
+    values, carries_mass = indicator_values(keys, v_dim, w + m, bs, factor)
     o = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, scale=scale, enable_gqa=not shared)
     o = o.view(n, Q, H, -1) if shared else o.transpose(1, 2)
     out = o[..., :v_dim]
