@@ -148,6 +148,12 @@ def grouped_attention(q, latents, indices, slot_bias, flags, row0: int, layout: 
     return out.view(B, rows_per_seq * Q, H, v_dim), mass[:, :K].view(B, rows_per_seq, K)
 
 
+def block_indicator(S: int, block_size: int, width: int, like: torch.Tensor) -> torch.Tensor:
+    """[S, width] one-hot rows: row s is 1 in the column of its key block, s // block_size (none past width)."""
+    block_of = torch.arange(S, device=like.device) // block_size
+    return (block_of[:, None] == torch.arange(width, device=like.device)).to(like.dtype)
+
+
 def indicator_values(
     keys: torch.Tensor, v_dim: int, n_blocks: int, block_size: int, factor: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, bool]:
@@ -158,8 +164,7 @@ def indicator_values(
     S, W = keys.shape[-2:]
     if n_blocks > W - v_dim:
         return keys, False
-    block_of = torch.arange(S, device=keys.device) // block_size
-    indicator = (block_of[:, None] == torch.arange(W - v_dim, device=keys.device)).to(keys.dtype)
+    indicator = block_indicator(S, block_size, W - v_dim, keys)
     value_part = keys[..., :v_dim] if factor is None else keys[..., :v_dim] * factor
     return torch.cat([value_part, indicator.expand(*keys.shape[:-2], S, W - v_dim)], -1), True
 

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from adaptive_attn.ops.layout import SparseLayout
+from adaptive_attn.ops.torch_block import block_indicator, mass_per_block
 
 
 def _wide(x: torch.Tensor) -> torch.Tensor:
@@ -144,18 +145,13 @@ def block_mass(q, latents, indices, layout: SparseLayout, qb0: int, qb1: int, sc
     shared = bool((selected >= 0).all())
     keys, mask = layout.gather_key_blocks(latents, selected, seqs, rows, shared_mask=shared)  # [B * C, S, D]
     S = keys.shape[1]
-    n_blocks = S // layout.block_size  # the selected slots, then the diagonal blocks
-    block_of = torch.arange(S, device=q.device) // layout.block_size
-    width = max(D, n_blocks)  # as wide as the queries and keys where it can: SDPA then takes its fused kernel
-    indicator = (block_of[:, None] == torch.arange(width, device=q.device)).to(q.dtype)  # [S, width]
+    width = max(D, S // layout.block_size)  # as wide as the keys where it can: SDPA then takes its fused kernel
+    values = block_indicator(S, layout.block_size, width, q).expand(B * C, 1, S, width)
     queries = layout.query_blocks(q)[:, qb0:qb1].reshape(B * C, 1, Q * H, D)
     mask = mask.repeat_interleave(H, dim=1)[:, None]
-    out = F.scaled_dot_product_attention(
-        queries, keys[:, None], indicator.expand(B * C, 1, S, width), attn_mask=mask, scale=scale
-    )
+    out = F.scaled_dot_product_attention(queries, keys[:, None], values, attn_mask=mask, scale=scale)
     real = torch.arange(qb0 * Q, qb1 * Q, device=q.device) < layout.seq_len  # queries that are not padding
-    mass = out.view(B, C, Q, H, width)[..., :K].mean(3) * real.view(1, C, Q, 1)
-    return _wide(mass.sum(2))
+    return _wide(mass_per_block(out.view(B * C, Q, H, width), 0, K, real.view(C, Q).repeat(B, 1)).view(B, C, K))
 
 
 @torch.no_grad()
