@@ -19,8 +19,11 @@ README_END = "\n<!-- end of findings table -->"
 QUESTIONS = [
     ("quality vs fixed, equal compute", "adaptive10", "fixed10", "quality", "diff"),
     ("quality vs fixed, equal compute", "adaptive", "fixed25", "quality", "diff"),
+    ("quality vs fixed, equal compute", "adaptive_topp", "fixed25", "quality", "diff"),
     ("which sequence gets the budget", "adaptive10", "shuffled10", "quality", "diff"),
+    ("which sequence gets the budget", "adaptive", "shuffled", "quality", "diff"),
     ("upper bound of adapting", "oracle10", "fixed10", "quality", "diff"),
+    ("upper bound of adapting", "oracle", "fixed25", "quality", "diff"),
     ("convergence (AUC of val accuracy)", "adaptive10", "fixed10", "val_acc_auc", "diff"),
     ("speed vs fixed (step time)", "adaptive10", "fixed10", "step_ms", "ratio"),
     ("the budget binds: alphabet 2", "fixed10", "dense", "val_acc/counting/alphabet2", "diff"),
@@ -28,9 +31,14 @@ QUESTIONS = [
     ("the budget binds: alphabet 32", "fixed10", "dense", "val_acc/counting/alphabet32", "diff"),
     ("sparse vs dense (quality)", "fixed10", "dense", "quality", "diff"),
     ("sparse vs dense (quality)", "fixed25", "dense", "quality", "diff"),
+    ("sparse vs dense (quality)", "fixed50", "dense", "quality", "diff"),
+    ("sparse vs dense (quality)", "fixed75", "dense", "quality", "diff"),
     ("sparse vs dense (step time)", "fixed10", "dense", "step_ms", "ratio"),
     ("sparse vs dense (step time)", "fixed25", "dense", "step_ms", "ratio"),
 ]
+
+# the arms whose k varies per sequence, for how k follows difficulty and content (the shuffled ones: the null)
+ADAPTIVE_ARMS = ("adaptive10", "adaptive", "adaptive_topp", "oracle10", "oracle", "shuffled10", "shuffled")
 
 
 def mean_ci(values: pd.Series) -> str:
@@ -61,11 +69,11 @@ def findings(runs: pd.DataFrame) -> pd.DataFrame:
                 sign = "-" if kind == "diff" else "/"
                 rows.append((question, data, seq_len, f"{model} {sign} {baseline}", metric, mean_ci(paired)))
         spearman = "k_difficulty_spearman_counting"
-        for model in ("adaptive10", "adaptive", "oracle10", "shuffled10") if spearman in cell else ():
+        for model in ADAPTIVE_ARMS if spearman in cell else ():
             values = cell[cell["model"] == model][spearman]
             if values.notna().any():
                 rows.append(("k adapts to difficulty", data, seq_len, model, spearman, mean_ci(values)))
-        for model in ("adaptive10", "adaptive", "shuffled10") if "k_mean_domain_prose" in cell else ():
+        for model in ADAPTIVE_ARMS if "k_mean_domain_prose" in cell else ():
             runs_of = cell[cell["model"] == model]
             values = runs_of["k_mean_domain_repetitive"] / runs_of["k_mean_domain_prose"]
             if values.notna().any():
