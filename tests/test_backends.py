@@ -74,6 +74,28 @@ def test_block_backend_takes_one_call_per_slot_width_across_sequences_and_positi
     assert_equals_reference("torch", q, latents, idx, layout, bias)
 
 
+def test_a_zero_bias_in_the_values_shares_the_calls_of_unbiased_rows(monkeypatch):
+    """The rank mask (a bias of value 0) rides in value factors where the block indicators fit: the rows
+    whose bias carries a gradient share the calls of the other rows of their width, and the output is bit
+    for bit that of no bias."""
+    idx, layout = random_selection(3, 128, 4, 8, 16)  # 2 diagonal blocks + at most 4 slots: 6 of 8 free columns
+    idx[1, 5:, 3] = -1
+    q, latents = torch.randn(3, 2, 128, 16), torch.randn(3, 128, 16)
+    bias = torch.zeros(idx.shape, requires_grad=True)
+    flagged = torch.zeros(layout.n_rows, dtype=torch.bool)
+    flagged[[4, 6]] = True  # after the whole-past prefix (query blocks 0-2)
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(
+        torch.nn.functional, "scaled_dot_product_attention", lambda *a, **kw: calls.append(1) or sdpa(*a, **kw)
+    )
+    plain, _ = torch_block_attention(q, latents, idx, layout, scale=0.3, v_dim=8)
+    plain_calls = len(calls)
+    biased, _ = torch_block_attention(q, latents, idx, layout, scale=0.3, v_dim=8, slot_bias=bias, biased_rows=flagged)
+    assert plain_calls == 1 + 2 and len(calls) == 2 * plain_calls  # the prefix, then widths 3 and 4
+    assert torch.equal(plain, biased)  # gradients: test_rank_mask_gradient_equals_reference
+
+
 @pytest.mark.parametrize("max_call", [1, 5000])
 def test_block_backend_split_into_several_sdpa_calls_equals_reference(max_call):
     idx, layout = random_selection(2, 100, 3, 4, 8)

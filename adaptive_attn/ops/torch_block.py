@@ -6,9 +6,10 @@ its heads. Three things keep the work close to the selection's own:
 - the leading query blocks that selected every block before them, in every sequence, take one causal
   SDPA over their prefix (`whole_past_query_blocks`): no gather, no mask, only the causal half computed;
 - the other rows are grouped by slot width (`slot_widths`: a row's own count, rounded up by at most 1/8)
-  and, with a slot bias, by whether their bias carries a gradient; each group takes one SDPA call (a few
-  within `max_call` pairs), whichever sequences and positions its rows come from, so budgets that vary
-  per sequence and per query block take about as many calls as there are widths (`row_groups`);
+  and, where a slot bias needs its own column (below), by whether it carries a gradient; each group takes
+  one SDPA call (a few within `max_call` pairs), whichever sequences and positions its rows come from, so
+  budgets that vary per sequence and per query block take about as many calls as there are widths
+  (`row_groups`);
 - rows are reordered only when they are not in group order already (one copy each way), and inputs are cut
   with `split`, whose backward is one concatenation, rather than sliced per call, whose backward writes a
   full-size zero gradient each time.
@@ -63,21 +64,29 @@ def slot_widths(used: torch.Tensor) -> torch.Tensor:
     return (n + step - 1) // step * step
 
 
-def row_groups(used: torch.Tensor, flags: torch.Tensor, layout: SparseLayout, heads: int, max_call: int):
+def row_groups(
+    used: torch.Tensor, flags: torch.Tensor, layout: SparseLayout, heads: int, max_call: int, free_columns: int = -1
+):
     """Rows by their slots in use [n] and bias flag [n] -> (the permutation that sorts them by group, or None
     when they are in order already; [(positions in that order, width, flag, full)], each cut so that its
-    (query row, key) pairs stay within `max_call`). A group's rows share a slot width, a flag and whether
-    every slot is in use (`full`)."""
+    (query row, key) pairs stay within `max_call`). A group's rows share a slot width, whether every slot is
+    in use (`full`) and a flag, except where a bias of value 0 can ride in the values: rows whose blocks
+    fit in the `free_columns` value columns then group whatever their flag (an unflagged row's bias is 0 in
+    value and gradient, so factors 1 + 0 leave it bit for bit as it was), and the group is flagged if any
+    of its rows is."""
     widths = slot_widths(used)
-    key = (widths * 2 + flags.long()) * 2 + (used == widths).long()
+    merged = widths + layout.blocks_per_query_block <= free_columns
+    key = (widths * 2 + (flags & ~merged).long()) * 2 + (used == widths).long()
     order = torch.argsort(key, stable=True)
+    flags = flags[order]
     pairs_per_block = layout.query_block * heads * layout.block_size
     groups, start = [], 0
     for value, count in zip(*[t.tolist() for t in torch.unique_consecutive(key[order], return_counts=True)]):
-        (width, flag), full = divmod(value // 2, 2), bool(value % 2)
+        width, full = value // 4, bool(value % 2)
         per_call = max(1, max_call // (pairs_per_block * (width + layout.blocks_per_query_block)))
         for chunk in range(start, start + count, per_call):
-            groups.append((slice(chunk, min(chunk + per_call, start + count)), width, bool(flag), full))
+            part = slice(chunk, min(chunk + per_call, start + count))
+            groups.append((part, width, bool(flags[part].any()), full))
         start += count
     in_order = bool((order == torch.arange(len(order), device=order.device)).all())
     return None if in_order else order, groups
@@ -129,7 +138,9 @@ def grouped_attention(q, latents, indices, slot_bias, flags, row0: int, layout: 
     flat = torch.arange(B * rows_per_seq, device=q.device)
     seqs, rows = flat // rows_per_seq, flat % rows_per_seq + row0
     q = q.reshape(B * rows_per_seq, Q, H, D)
-    order, groups = row_groups((indices >= 0).sum(-1), flags.repeat(B), layout, H, max_call)
+    zero_bias = bias is not None and not bool(bias.detach().any())  # the rank mask: through value factors
+    free = latents.shape[-1] - v_dim if zero_bias else -1
+    order, groups = row_groups((indices >= 0).sum(-1), flags.repeat(B), layout, H, max_call, free)
     if order is not None:
         q, indices, seqs, rows = (t.index_select(0, order) for t in (q, indices, seqs, rows))
         bias = None if bias is None else bias.index_select(0, order)
