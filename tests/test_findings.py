@@ -68,3 +68,24 @@ def test_k_against_text_content_is_the_ratio_of_domain_means_per_run():
     # ratios 0.5 and 0.75: mean 0.625, sd 0.177, t(1) = 12.706 -> CI 1.588; a fixed k does not adapt: no row
     assert table[("k adapts to content", "adaptive10")] == "0.625 ± 1.588 (n=2)"
     assert ("k adapts to content", "fixed10") not in table
+
+
+def test_quality_is_also_pooled_over_lengths_by_length_and_seed():
+    rows = [
+        dict(
+            status="ok",
+            data="counting",
+            seq_len=L,
+            seed=s,
+            model=m,
+            val_acc=acc + (0.1 * s if m == "adaptive10" else 0),
+        )
+        for L in (64, 128)
+        for s in (0, 1)
+        for m, acc in (("adaptive10", 0.5), ("fixed10", 0.4), ("dense", 0.9))
+    ]
+    table = findings(pd.DataFrame(rows)).set_index(["L", "comparison", "metric"])["mean ± 95% CI"]
+    # per length: differences 0.1 and 0.2; over both lengths 0.1, 0.2, 0.1, 0.2: sd 0.0577, t(3) = 3.182
+    assert table[(64, "adaptive10 - fixed10", "val_acc")] == "0.150 ± 0.635 (n=2)"
+    assert table[("all", "adaptive10 - fixed10", "val_acc")] == "0.150 ± 0.092 (n=4)"
+    assert ("all", "fixed10 - dense", "val_acc") not in table  # pooled only for the comparisons of adaptive budgets

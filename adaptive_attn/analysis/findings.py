@@ -37,6 +37,8 @@ QUESTIONS = [
     ("sparse vs dense (step time)", "fixed25", "dense", "step_ms", "ratio"),
 ]
 
+# the questions that also get a row over all lengths of a data set
+POOLED = ("quality vs fixed, equal compute", "which sequence gets the budget")
 # the arms whose k varies per sequence, for how k follows difficulty and content (the shuffled ones: the null)
 ADAPTIVE_ARMS = ("adaptive10", "adaptive", "adaptive_topp", "oracle10", "oracle", "shuffled10", "shuffled")
 
@@ -51,34 +53,55 @@ def mean_ci(values: pd.Series) -> str:
     return f"{values.mean():.3f} ± {ci95(values.std(ddof=1), n):.3f} (n={n})"
 
 
+def paired(runs: pd.DataFrame, model: str, baseline: str, metric: str, kind: str) -> pd.Series:
+    """model - baseline ("diff") or model / baseline ("ratio") of `metric`, paired by (length, seed)."""
+    if metric not in runs:
+        return pd.Series(dtype=float)
+    a = runs[runs["model"] == model].set_index(["seq_len", "seed"])[metric]
+    b = runs[runs["model"] == baseline].set_index(["seq_len", "seed"])[metric]
+    return (a - b if kind == "diff" else a / b).dropna()
+
+
 def findings(runs: pd.DataFrame) -> pd.DataFrame:
     """-> one row per question, data set and length with a paired comparison; plus how k follows difficulty
     (Spearman's rho between a sequence's k and its alphabet size) and content (text: the mean k of
-    repetitive logs over that of prose); the shuffled control's figures are the null."""
+    repetitive logs over that of prose); the shuffled control's figures are the null. The questions in
+    `POOLED` also get a row over every length of a data set (L "all", pairs by length and seed) where
+    more than one length has pairs: the mean difference over the lengths studied, with more pairs."""
     ok = runs[runs["status"] == "ok"]
     rows = []
-    for (data, seq_len), cell in ok.groupby(["data", "seq_len"]):
-        for question, model, baseline, metric, kind in QUESTIONS:
-            metric = ("val_acc" if data != "text_domains" else "val_loss") if metric == "quality" else metric
-            if metric not in cell:
-                continue
-            a = cell[cell["model"] == model].set_index("seed")[metric]
-            b = cell[cell["model"] == baseline].set_index("seed")[metric]
-            paired = (a - b if kind == "diff" else a / b).dropna()
-            if len(paired):
-                sign = "-" if kind == "diff" else "/"
-                rows.append((question, data, seq_len, f"{model} {sign} {baseline}", metric, mean_ci(paired)))
-        spearman = "k_difficulty_spearman_counting"
-        for model in ADAPTIVE_ARMS if spearman in cell else ():
-            values = cell[cell["model"] == model][spearman]
-            if values.notna().any():
-                rows.append(("k adapts to difficulty", data, seq_len, model, spearman, mean_ci(values)))
-        for model in ADAPTIVE_ARMS if "k_mean_domain_prose" in cell else ():
-            runs_of = cell[cell["model"] == model]
-            values = runs_of["k_mean_domain_repetitive"] / runs_of["k_mean_domain_prose"]
-            if values.notna().any():
-                rows.append(("k adapts to content", data, seq_len, model, "k repetitive / k prose", mean_ci(values)))
+    for data, data_runs in ok.groupby("data"):
+        quality = "val_acc" if data != "text_domains" else "val_loss"
+        for seq_len, cell in data_runs.groupby("seq_len"):
+            for question, model, baseline, metric, kind in QUESTIONS:
+                metric = quality if metric == "quality" else metric
+                differences = paired(cell, model, baseline, metric, kind)
+                if len(differences):
+                    sign = "-" if kind == "diff" else "/"
+                    rows.append((question, data, seq_len, f"{model} {sign} {baseline}", metric, mean_ci(differences)))
+            rows += k_rows(cell, data, seq_len)
+        for question, model, baseline, metric, kind in (q for q in QUESTIONS if q[0] in POOLED):
+            metric = quality if metric == "quality" else metric
+            differences = paired(data_runs, model, baseline, metric, kind)
+            if len(differences) and differences.index.get_level_values(0).nunique() > 1:
+                rows.append((question, data, "all", f"{model} - {baseline}", metric, mean_ci(differences)))
     return pd.DataFrame(rows, columns=["question", "data", "L", "comparison", "metric", "mean ± 95% CI"])
+
+
+def k_rows(cell: pd.DataFrame, data: str, seq_len: int) -> list[tuple]:
+    """How k follows difficulty (counting) and content (text) in one (data, length) cell, per adaptive arm."""
+    rows = []
+    spearman = "k_difficulty_spearman_counting"
+    for model in ADAPTIVE_ARMS if spearman in cell else ():
+        values = cell[cell["model"] == model][spearman]
+        if values.notna().any():
+            rows.append(("k adapts to difficulty", data, seq_len, model, spearman, mean_ci(values)))
+    for model in ADAPTIVE_ARMS if "k_mean_domain_prose" in cell else ():
+        runs_of = cell[cell["model"] == model]
+        values = runs_of["k_mean_domain_repetitive"] / runs_of["k_mean_domain_prose"]
+        if values.notna().any():
+            rows.append(("k adapts to content", data, seq_len, model, "k repetitive / k prose", mean_ci(values)))
+    return rows
 
 
 def write_into_readme(table: str, readme: Path) -> None:
