@@ -24,8 +24,9 @@ adaptive budget's rank mask is 0 in value and needs only its gradient, sum over 
 block j of dL/dlogit_is = sum_i dO_i . W_ij - (dO_i . O_i) m_ij, where W_ij is the part of O_i that block j's
 values make and m_ij the block's mass. Where the block indicators fit (below), values scaled by 1 + b_j give
 the first term and a correction -O_i sum_j b_j m_ij (O and m detached) the second: no extra column, and
-the rows marked and unmarked share their calls (factors 1 + 0 change nothing). Any other bias rides in one extra dimension (query 1, key bias / scale), so SDPA adds it to the logits and
-returns its gradient through the keys' (an odd width: such calls run about a third slower on a CPU).
+the rows marked and unmarked share their calls (factors 1 + 0 change nothing). Any other bias rides in
+one extra dimension (query 1, key bias / scale), so SDPA adds it to the logits and returns its gradient
+through the keys' (an odd width: such calls run about a third slower on a CPU).
 
 The values are the latent rows' first `v_dim` columns; the rest of a row (MLA's RoPE key) is no value,
 so where a call's key blocks fit in those columns they carry one-hot block indicators, and the output
