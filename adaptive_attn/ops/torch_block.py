@@ -149,7 +149,17 @@ def grouped_attention(q, latents, indices, slot_bias, flags, row0: int, layout: 
     for (part, width, flag, full), q_part in zip(groups, split(q, [g[0].stop - g[0].start for g in groups])):
         row_bias = bias[part, :width] if flag else None
         o, mass = gathered_attention(
-            q_part, latents, indices[part, :width], seqs[part], rows[part], row_bias, full, layout, scale, v_dim
+            q_part,
+            latents,
+            indices[part, :width],
+            seqs[part],
+            rows[part],
+            row_bias,
+            full,
+            layout,
+            scale,
+            v_dim,
+            zero_bias=zero_bias,
         )
         outs.append(o)
         masses.append(F.pad(mass, (0, width_max - width)))  # unused slots hold no mass
@@ -204,10 +214,13 @@ def prefix_attention(q, latents, indices, layout: SparseLayout, scale, v_dim):
     return o[..., :v_dim], mass.gather(-1, indices.clamp(min=0)) * (indices >= 0)  # per block -> per slot
 
 
-def gathered_attention(q, latents, indices, seqs, rows, slot_bias, shared: bool, layout: SparseLayout, scale, v_dim):
+def gathered_attention(
+    q, latents, indices, seqs, rows, slot_bias, shared: bool, layout: SparseLayout, scale, v_dim, zero_bias: bool
+):
     """n rows over their gathered key blocks: q [n, Q, H, D], indices [n, w], seqs and rows [n] (each row's
-    sequence and query block); `shared`: every slot of every row in use -> (out [n, Q, H, v_dim], the mass of
-    the w selected slots [n, w], NaN where it did not fit)"""
+    sequence and query block); `shared`: every slot of every row in use; `zero_bias`: the slot bias is 0 in
+    value (checked once per call of the op) -> (out [n, Q, H, v_dim], the mass of the w selected slots [n, w],
+    NaN where it did not fit)"""
     n, Q, H, D = q.shape
     keys, mask = layout.gather_key_blocks(latents, indices, seqs, rows, shared_mask=shared)
     keys = keys[:, None]  # [n, 1, S, D]: one SDPA batch row per (sequence, query block)
@@ -218,7 +231,7 @@ def gathered_attention(q, latents, indices, seqs, rows, slot_bias, shared: bool,
     w, m, bs = indices.shape[-1], layout.blocks_per_query_block, layout.block_size
     bias = None if slot_bias is None else torch.cat([slot_bias, slot_bias.new_zeros(n, m)], -1).to(q.dtype)
     fits = w + m <= keys.shape[-1] - v_dim  # the block indicators, in the value columns past v_dim
-    through_values = bias is not None and fits and not bool(slot_bias.detach().any())
+    through_values = bias is not None and fits and zero_bias
     factor = None
     if through_values:  # a bias of value 0 (the rank mask): its gradient through value factors 1 + b
         factor = (1 + bias).repeat_interleave(bs, -1)[:, None, :, None]  # [n, 1, S, 1]
