@@ -41,7 +41,7 @@ def test_failing_run_is_recorded_as_failed(compose_cfg):
     assert summary["status"] == "failed" and summary["error"]
 
 
-@pytest.mark.parametrize("experiment", ["exp3", "exp3_cpu_synthetic", "exp3_cpu_text", "synthetic_pilot"])
+@pytest.mark.parametrize("experiment", ["exp3", "exp3_text", "exp3_cpu_synthetic", "exp3_cpu_text", "synthetic_pilot"])
 def test_experiment_configs_run_at_tiny_size(compose_cfg, experiment):
     """The study's experiments, checked on the CPU with a tiny model and a few steps of their own data."""
     tiny = ["model.d_model=32", "model.n_layers=1", "model.n_heads=2", "model.moe.n_routed=2", "model.moe.top_k=1"]
@@ -56,7 +56,7 @@ def test_experiment_configs_run_at_tiny_size(compose_cfg, experiment):
     assert summary["equivalent_keep"] < 1  # the sparse stage ran
     # the adaptive budget's k against what each test sequence is: its alphabet, or its text domain
     k_vs = pd.read_csv(Path(cfg.output_dir) / "k_vs_difficulty.csv")
-    if experiment == "exp3_cpu_text":
+    if experiment in ("exp3_text", "exp3_cpu_text"):
         domains = sorted(k_vs["domain"].unique())
         assert domains and sorted(k for k in summary if k.startswith("k_mean_domain_")) == [
             f"k_mean_domain_{d}" for d in domains
