@@ -4,8 +4,8 @@ Every scored position of a synthetic sample needs its earlier positions of the s
 recall, every earlier occurrence of its symbol on counting. A counting label stops at `count_cap`, so a
 position with more earlier occurrences than that (a *saturated* label) is answered by any cap of them.
 A fixed budget of k tokens (token mode) keeps each query's own position and the `sink_tokens` first
-positions, which leaves room for k - 1 - sinks others; a query with fewer than k predecessors sees them
-all. A position whose need exceeds its room is *bound*: no selection holds every key it needs, however
+positions (the task token, which no query needs), which leaves room for k - 1 - sinks others; a query
+with at most k positions up to itself sees them all. A position whose need exceeds its room is *bound*: no selection holds every key it needs, however
 good the indexer. Where no position is bound, budgets cannot differ in what they let the model see.
 The check reads the validation set, the sequences every run is scored on.
 
