@@ -2,11 +2,12 @@
 
 Every scored position of a synthetic sample needs its earlier positions of the same `need_id`: one on
 recall, every earlier occurrence of its symbol on counting. A counting label stops at `count_cap`, so a
-position with more earlier occurrences than that (a *saturated* label) is answered by any cap of them.
+position with at least that many earlier occurrences (a *saturated* label) is answered by any cap of them.
 A fixed budget of k tokens (token mode) keeps each query's own position and the `sink_tokens` first
 positions (the task token, which no query needs), which leaves room for k - 1 - sinks others; a query
-with at most k positions up to itself sees them all. A position whose need exceeds its room is *bound*: no selection holds every key it needs, however
-good the indexer. Where no position is bound, budgets cannot differ in what they let the model see.
+with at most k positions up to itself sees them all. A position whose need exceeds its room is *bound*:
+no selection holds every key it needs, however good the indexer. Where no position is bound, budgets
+cannot differ in what they let the model see.
 The check reads the validation set, the sequences every run is scored on.
 
     python -m adaptive_attn.binding experiment=exp3_cpu_synthetic --lengths 64 128 256 512 \
@@ -26,9 +27,8 @@ from adaptive_attn.data.synthetic import TASKS
 from adaptive_attn.sparse.budget import budget_tokens
 
 
-def earlier_needed(need_id: np.ndarray, target_mask: np.ndarray) -> np.ndarray:
-    """need_id, target_mask [L] -> [L]: how many earlier positions each position needs (0 where unscored)."""
-    ids = np.where(target_mask, need_id, 0)
+def earlier_needed(ids: np.ndarray) -> np.ndarray:
+    """need_id [L] -> [L]: how many earlier positions share each position's need_id (0 for id 0: needs none)."""
     order = np.argsort(ids, kind="stable")  # positions grouped by id, in order within a group
     sorted_ids = ids[order]
     group_start = np.r_[0, np.flatnonzero(np.diff(sorted_ids)) + 1]
@@ -40,7 +40,7 @@ def earlier_needed(need_id: np.ndarray, target_mask: np.ndarray) -> np.ndarray:
 
 def position_needs(sample: dict, count_cap: int) -> pd.DataFrame:
     """One sample -> per scored position: its position t, the keys it needs, whether its label is saturated."""
-    need = earlier_needed(np.asarray(sample["need_id"]), np.asarray(sample["target_mask"]))
+    need = earlier_needed(np.asarray(sample["need_id"]))
     counting = TASKS[int(sample["task"])] == "counting"
     saturated = counting & (need >= count_cap)
     t = np.flatnonzero(np.asarray(sample["target_mask"]))

@@ -4,13 +4,21 @@ import pytest
 
 from adaptive_attn import binding
 from adaptive_attn.data.counting import counting_sample
+from adaptive_attn.data.mqar import make_mqar
 from adaptive_attn.data.synthetic import content_range
 
 
 def test_each_position_needs_its_earlier_positions_of_the_same_id():
-    need_id = np.array([0, 5, 7, 5, 5, 7, 9])
-    scored = np.array([False, True, True, True, True, True, False])
-    assert binding.earlier_needed(need_id, scored).tolist() == [0, 0, 0, 1, 2, 1, 0]
+    assert binding.earlier_needed(np.array([0, 5, 7, 5, 0, 5, 7, 9, 0])).tolist() == [0, 0, 0, 1, 0, 2, 1, 0, 0]
+
+
+def test_a_recall_query_needs_the_one_value_it_asks_for():
+    """The value sits at an unscored position of the context: it is needed all the same."""
+    make = make_mqar(128, 8192, 4, 16, 0.01)
+    sample = {**make(np.random.default_rng(0)), "task": 0}
+    needs = binding.position_needs(sample, count_cap=15)
+    queries = sample["need_id"][needs["t"]] != 0
+    assert queries.any() and (needs["need"][queries] == 1).all() and not needs["saturated"].any()
 
 
 @pytest.mark.parametrize("alphabet", [2, 8])
