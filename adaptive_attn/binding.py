@@ -18,32 +18,23 @@ import argparse
 
 import numpy as np
 import pandas as pd
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from tqdm.auto import tqdm
 
-from adaptive_attn.config import CONF_DIR
-from adaptive_attn.data.synthetic import TASKS
+from adaptive_attn.config import CONF_DIR, cfg_get
+from adaptive_attn.data.synthetic import TASKS, needed_mask
 from adaptive_attn.sparse.budget import budget_tokens
-
-
-def earlier_needed(ids: np.ndarray) -> np.ndarray:
-    """need_id [L] -> [L]: how many earlier positions share each position's need_id (0 for id 0: needs none)."""
-    order = np.argsort(ids, kind="stable")  # positions grouped by id, in order within a group
-    sorted_ids = ids[order]
-    group_start = np.r_[0, np.flatnonzero(np.diff(sorted_ids)) + 1]
-    first_of_group = np.repeat(group_start, np.diff(np.r_[group_start, len(ids)]))
-    count = np.empty(len(ids), dtype=np.int64)
-    count[order] = np.arange(len(ids)) - first_of_group
-    return np.where(ids != 0, count, 0)
 
 
 def position_needs(sample: dict, count_cap: int) -> pd.DataFrame:
     """One sample -> per scored position: its position t, the keys it needs, whether its label is saturated."""
-    need = earlier_needed(np.asarray(sample["need_id"]))
+    need_id, scored = torch.as_tensor(sample["need_id"])[None], torch.as_tensor(sample["target_mask"])[None]
+    need = needed_mask(need_id, scored).sum(-1)[0].numpy()  # the keys needed-key recall counts
     counting = TASKS[int(sample["task"])] == "counting"
     saturated = counting & (need >= count_cap)
-    t = np.flatnonzero(np.asarray(sample["target_mask"]))
+    t = np.flatnonzero(scored[0].numpy())
     needed = np.minimum(need, count_cap) if counting else need
     return pd.DataFrame({"t": t, "need": needed[t], "saturated": saturated[t]})
 
@@ -100,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
         if not cfg.data._target_.endswith("SyntheticDataModule"):
             raise SystemExit(f"error: data._target_={cfg.data._target_} is invalid: the check needs a synthetic task")
         data = instantiate(cfg.data)
-        sinks = int(cfg.model.get("sparse", {}).get("sink_tokens", 0) or 0)
+        sinks = cfg_get(cfg, "model.sparse.sink_tokens") or 0
         tables.append(binding_table(data.build()["val"], seq_len, args.keeps, args.samples, cfg.data.count_cap, sinks))
     table = pd.concat(tables).round(3).to_markdown(index=False)
     print(table)

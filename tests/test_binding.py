@@ -9,7 +9,8 @@ from adaptive_attn.data.synthetic import content_range
 
 
 def test_each_position_needs_its_earlier_positions_of_the_same_id():
-    assert binding.earlier_needed(np.array([0, 5, 7, 5, 0, 5, 7, 9, 0])).tolist() == [0, 0, 0, 1, 0, 2, 1, 0, 0]
+    sample = {"need_id": np.array([0, 5, 7, 5, 0, 5, 7, 9, 0]), "target_mask": np.ones(9, dtype=bool), "task": 0}
+    assert binding.position_needs(sample, count_cap=15)["need"].tolist() == [0, 0, 0, 1, 0, 2, 1, 0, 0]
 
 
 def test_a_recall_query_needs_the_one_value_it_asks_for():
