@@ -9,10 +9,12 @@ from pathlib import Path
 
 import lightning as L
 import nbformat
+import pandas as pd
 import pytest
 from nbclient import NotebookClient
 
 from adaptive_attn.analysis import aggregate, analyse, load_runs, paired_comparison
+from adaptive_attn.analysis.results import coverage
 from adaptive_attn.runner import run
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -98,6 +100,26 @@ def test_failing_job_is_recorded_and_the_sweep_goes_on(tmp_path):
     runs = load_runs(tmp_path).sort_values("run_dir")
     assert list(runs["status"]) == ["ok", "failed"]
     assert "model.moe.top_k=9" in runs["error"].iloc[1]
+    # summary.md says what ran: one seed finished, one job did not
+    assert coverage(runs).iloc[0][runs["seq_len"].iloc[0]] == f"{runs['seed'].iloc[0]} (1 not ok)"
+
+
+def test_coverage_lists_the_finished_seeds_of_each_model_and_length():
+    runs = pd.DataFrame(
+        {
+            "data": ["counting"] * 5 + ["text"],
+            "model": ["dense", "dense", "dense", "fixed10", "fixed10", "dense"],
+            "seq_len": [64, 64, 128, 64, 64, 512],
+            "seed": [1, 0, 0, 2, 0, 0],
+            "status": ["ok", "ok", "ok", "ok", "interrupted", "ok"],
+        }
+    )
+    table = coverage(runs).set_index(["data", "model"])
+    assert table.loc[("counting", "dense"), 64] == "0,1"
+    assert table.loc[("counting", "dense"), 128] == "0"
+    assert table.loc[("counting", "fixed10"), 64] == "2 (1 not ok)"
+    assert table.loc[("counting", "fixed10"), 128] == ""  # never ran
+    assert table.loc[("text", "dense"), 512] == "0" and table.loc[("counting", "dense"), 512] == ""
 
 
 class CrashAt(L.Callback):

@@ -144,6 +144,20 @@ def slice_table(runs: pd.DataFrame, prefix: str) -> pd.DataFrame:
     return table.rename(columns=lambda c: c.removeprefix(prefix)).round(3)
 
 
+def coverage(runs: pd.DataFrame) -> pd.DataFrame:
+    """What ran: the seeds of the finished runs of each (data, model) at each seq_len, e.g. "0,1,2", with
+    the runs that did not finish counted beside them ("0,1 (1 not ok)"); empty where nothing ran."""
+    rows = ["data", "model"] if "data" in runs else ["model"]
+
+    def seeds(cell: pd.DataFrame) -> str:
+        ok = cell["status"] == "ok"
+        text = ",".join(str(s) for s in sorted(int(s) for s in cell.loc[ok, "seed"]))
+        return text + (f" ({(~ok).sum()} not ok)" if (~ok).any() else "")
+
+    table = runs.groupby([*rows, "seq_len"])[["seed", "status"]].apply(seeds).unstack("seq_len")
+    return table.fillna("").rename_axis(columns=None).reset_index()
+
+
 def load_k_vs_difficulty(runs: pd.DataFrame) -> pd.DataFrame:
     """Per-sequence k and MQAR difficulty of every run that recorded them (k_vs_difficulty.csv)."""
     frames = []
@@ -183,6 +197,10 @@ def analyse(sweep_dir: str | Path, out_dir: str | Path | None = None, plots: boo
         f"# Sweep {sweep_dir}",
         "",
         ", ".join(f"{n} {status}" for status, n in runs["status"].value_counts().items()),
+        "",
+        "## what ran (seeds of the finished runs)",
+        "",
+        coverage(runs).to_markdown(index=False),
         "",
     ]
     if (runs["status"] == "ok").any():
