@@ -187,6 +187,17 @@ def format_table(agg: pd.DataFrame, metrics=TABLE_METRICS) -> pd.DataFrame:
     return table
 
 
+def all_comparisons(runs: pd.DataFrame) -> pd.DataFrame:
+    """Every equal-compute pair, then every model against dense, on each metric of COMPARED that the runs
+    have (`paired_comparison` rows; empty when nothing pairs)."""
+    models = set(runs["model"])
+    pairs = equal_compute_pairs(runs) + [(m, "dense") for m in sorted(models - {"dense"}) if "dense" in models]
+    metrics = [m for m in COMPARED if m in runs and runs[m].notna().any()]
+    comparisons = [paired_comparison(runs, m, b, metric) for m, b in pairs for metric in metrics]
+    comparisons = [c for c in comparisons if len(c)]
+    return pd.concat(comparisons) if comparisons else pd.DataFrame()
+
+
 def analyse(sweep_dir: str | Path, out_dir: str | Path | None = None, plots: bool = True) -> pd.DataFrame:
     """Write results.csv (per run), summary.md (mean ± CI, paired comparisons) and plots into out_dir."""
     runs = load_runs(sweep_dir)
@@ -205,16 +216,12 @@ def analyse(sweep_dir: str | Path, out_dir: str | Path | None = None, plots: boo
     ]
     if (runs["status"] == "ok").any():
         lines += ["## mean ± 95% CI over seeds", "", format_table(aggregate(runs)).to_markdown(), ""]
-        models = set(runs["model"])
-        pairs = equal_compute_pairs(runs) + [(m, "dense") for m in sorted(models - {"dense"}) if "dense" in models]
-        metrics = [m for m in COMPARED if m in runs and runs[m].notna().any()]
-        comparisons = [paired_comparison(runs, m, b, metric) for m, b in pairs for metric in metrics]
-        comparisons = [c for c in comparisons if len(c)]
-        if comparisons:
+        comparisons = all_comparisons(runs)
+        if len(comparisons):
             lines += [
                 "## paired differences (same seq_len and seed): equal-compute pairs, then each model against dense",
                 "",
-                pd.concat(comparisons).round(4).to_markdown(index=False),
+                comparisons.round(4).to_markdown(index=False),
                 "",
             ]
         from adaptive_attn.analysis.findings import findings
