@@ -40,7 +40,8 @@ def torch_token_attention(
     widths = ((indices >= 0).sum(-1).flatten().clamp(min=1) + SLOT_TILE - 1) // SLOT_TILE * SLOT_TILE  # [B*L]
     order = widths.argsort(stable=True)
     entries = entries.view(B * L, K + pad)[order]  # slot -1 reads entry 0 and is masked
-    q_sorted = q.transpose(1, 2).reshape(B * L, H, D).index_select(0, order)
+    # scaled here, not by baddbmm's alpha, whose backward scales the larger gradient of the gathered keys
+    q_sorted = q.transpose(1, 2).reshape(B * L, H, D).index_select(0, order) * scale
     # one bias per slot, shared by the heads ([N, 1, K]); zeros cost nothing extra inside baddbmm
     bias = q.new_zeros(B * L, 1, K + pad)
     if slot_bias is not None:
@@ -52,7 +53,7 @@ def torch_token_attention(
     for (c0, c1, n), q_chunk, bias_chunk in zip(spans, q_sorted.split(sizes), bias.split(sizes)):
         idx = entries[c0:c1, :n]
         keys = flat_latents.index_select(0, idx.clamp(min=0).flatten()).view(c1 - c0, n, -1)  # [C, n, D]
-        logits = torch.baddbmm(bias_chunk[..., :n], q_chunk, keys.transpose(1, 2), alpha=scale)  # [C, H, n]
+        logits = torch.baddbmm(bias_chunk[..., :n], q_chunk, keys.transpose(1, 2))  # [C, H, n]
         probs = logits.masked_fill((idx < 0)[:, None], float("-inf")).softmax(-1)
         slot_probs[order[c0:c1], :n] = probs.detach().mean(1).to(slot_probs.dtype)  # autocast: probs may be bf16
         # values are the latents' first v_dim columns; slicing the output is cheaper than the rows' gradient

@@ -61,7 +61,9 @@ class LightningIndexer(nn.Module):
         """q [B, T, H_I, d_I], w [B, T, H_I], k [B, S, d_I] -> I [B, T, S]"""
         B, T, H, d = q.shape
         dots = torch.bmm(q.reshape(B, T * H, d), k.transpose(1, 2)).view(B, T, H, -1).relu_()
-        return torch.bmm(w.reshape(B * T, 1, H), dots.view(B * T, H, -1)).view(B, T, -1)
+        # the weighted sum over heads as a product and a sum: as a batched matmul it is B * T products of
+        # [1, H] x [H, S], which run 2-3x slower forward and backward on a CPU
+        return (dots * w[..., None]).sum(2)
 
     def forward(self, x: torch.Tensor, layout: SparseLayout) -> torch.Tensor:
         """x: [B, L, D] -> scores I [B, R, C] over the layout's rows and columns, -inf where ineligible."""
