@@ -43,20 +43,13 @@ def test_layout_geometry_of_padded_blocks():
     assert [tokens.hard_columns(k) for k in (0, 0.2, 3, 3.5, 99)] == [1, 1, 3, 4, 10]
 
 
-@pytest.mark.parametrize("mode", SPARSE_MODES)
-def test_indexer_scores_are_eq1_term_by_term(mode):
+def test_indexer_scores_are_eq1_term_by_term():
     """I[t, s] = sum_j w[t, j] ReLU(q[t, j] . k[s]), summed head by head in a loop, against the indexer's
-    vectorised scores (block mode: the row's first query against the mean key of each whole block)."""
+    vectorised score (the one both token and block scores go through)."""
     torch.manual_seed(0)
-    indexer = LightningIndexer(16, n_heads=3, head_dim=8, rope_dim=4).double()
-    layout = SparseLayout(40, **SPARSE_MODES[mode])
-    x = torch.randn(2, 40, 16, dtype=torch.float64)
-    q, w, k = indexer.project(x, None if layout.token_level else layout.row_positions)
-    if not layout.token_level:
-        k = layout.pad(k, 1).view(2, layout.n_columns, layout.block_size, -1).mean(2)
+    q, w, k = (torch.randn(*shape, dtype=torch.float64) for shape in ((2, 5, 3, 8), (2, 5, 3), (2, 7, 8)))
     expected = sum(w[:, :, j, None] * torch.einsum("btd,bsd->bts", q[:, :, j], k).relu() for j in range(3))
-    expected = expected.masked_fill(~layout.eligible, float("-inf"))
-    torch.testing.assert_close(indexer(x, layout), expected, rtol=0, atol=1e-12)
+    torch.testing.assert_close(LightningIndexer.score(q, w, k), expected, rtol=0, atol=1e-12)
 
 
 def test_block_scores_of_a_query_block_ignore_its_own_and_later_tokens():
