@@ -1,8 +1,9 @@
 """Can a budget bind? The research protocol's check, read from the data alone, before paying for a grid.
 
 Every scored position of a synthetic sample needs its earlier positions of the same `need_id`: one on
-recall, every earlier occurrence of its symbol on counting. A counting label stops at `count_cap`, so a
-position with at least that many earlier occurrences (a *saturated* label) is answered by any cap of them.
+recall, every earlier occurrence of its symbol on counting, every earlier ballot for its key on votes. A
+counting label stops at `count_cap`, so a position with at least that many earlier occurrences (a
+*saturated* label) is answered by any cap of them; a vote share has no cap.
 A fixed budget of k tokens (token mode) keeps each query's own position and the `sink_tokens` first
 positions (the task token, which no query needs), which leaves room for k - 1 - sinks others; a query
 with at most k positions up to itself sees them all. A position whose need exceeds its room is *bound*:
@@ -92,7 +93,8 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(f"error: data._target_={cfg.data._target_} is invalid: the check needs a synthetic task")
         data = instantiate(cfg.data)
         sinks = cfg_get(cfg, "model.sparse.sink_tokens") or 0
-        tables.append(binding_table(data.build()["val"], seq_len, args.keeps, args.samples, cfg.data.count_cap, sinks))
+        cap = cfg.data.get("count_cap", 15)
+        tables.append(binding_table(data.build()["val"], seq_len, args.keeps, args.samples, cap, sinks))
     table = pd.concat(tables).round(3).to_markdown(index=False)
     print(table)
     if args.out:

@@ -6,6 +6,7 @@ from adaptive_attn import binding
 from adaptive_attn.data.counting import counting_sample
 from adaptive_attn.data.mqar import make_mqar
 from adaptive_attn.data.synthetic import content_range
+from adaptive_attn.data.votes import make_votes
 
 
 def test_each_position_needs_its_earlier_positions_of_the_same_id():
@@ -31,6 +32,19 @@ def test_counting_needs_are_the_labels_the_generator_gives(alphabet):
     label = sample["targets"][needs["t"]] - content_range(vocab)[1]
     assert needs["need"].tolist() == label.tolist()
     assert needs["saturated"].tolist() == (label == cap).tolist()
+
+
+def test_a_vote_share_needs_every_earlier_ballot_so_a_budget_binds_at_every_length():
+    """Counting's cap frees long sequences from any budget of 10%; a vote share has no cap: the bound
+    share at alphabet 2 stays put as the length grows, and the need passes any cap."""
+    shares = []
+    for seq_len in (64, 512):
+        make = make_votes(seq_len, 1024, [2])
+        frames = [binding.position_needs({**make(np.random.default_rng(i))}, count_cap=15) for i in range(8)]
+        needs = pd.concat(frames)
+        assert not needs["saturated"].any()
+        shares.append(binding.bound_shares(needs, k=round(0.1 * seq_len), sink_tokens=1)["bound"])
+    assert needs["need"].max() > 200 and min(shares) > 0.7 and abs(shares[0] - shares[1]) < 0.1
 
 
 def test_a_position_is_bound_when_its_need_exceeds_the_room_beside_its_own_position_and_the_sinks():

@@ -8,7 +8,8 @@ import torch
 from adaptive_attn.data.counting import counting_sample
 from adaptive_attn.data.datamodule import SyntheticDataModule
 from adaptive_attn.data.mqar import mqar_sample
-from adaptive_attn.data.synthetic import COUNT_BOS, COUNT_LABELS, RECALL_BOS, needed_mask
+from adaptive_attn.data.synthetic import COUNT_BOS, COUNT_LABELS, RECALL_BOS, VOTES_BOS, needed_mask
+from adaptive_attn.data.votes import ballot_range, votes_sample
 from adaptive_attn.lit.module import IGNORE, split_batch
 
 V = 512
@@ -48,6 +49,34 @@ def test_counting_labels_and_needs_by_brute_force(m):
         assert need[t].nonzero().flatten().tolist() == earlier
 
 
+@pytest.mark.parametrize("m", [1, 2, 7, 32])
+def test_vote_shares_and_needs_by_brute_force(m):
+    rng = np.random.default_rng(m)
+    L = 200
+    s = votes_sample(rng, L, V, m)
+    tokens, targets = s["tokens"], s["targets"]
+    lo, hi = ballot_range(V)
+    assert tokens[0] == VOTES_BOS and lo <= tokens[1:].min() and tokens[1:].max() < hi
+    keys = (tokens - lo) // 2
+    assert len(set(keys[1:].tolist())) <= m
+    need = needed_mask(torch.as_tensor(s["need_id"])[None], torch.as_tensor(s["target_mask"])[None])[0]
+    assert not s["target_mask"][0]
+    for t in range(1, L):
+        ballots = [u for u in range(1, t + 1) if keys[u] == keys[t]]
+        ones = sum((tokens[u] - lo) % 2 for u in ballots)
+        assert targets[t] == hi + int(np.floor(15 * ones / len(ballots) + 0.5))
+        assert need[t].nonzero().flatten().tolist() == ballots[:-1]
+
+
+def test_votes_draw_a_bias_per_key():
+    """Shares spread over the whole range: keys lean to 0, to 1, or neither."""
+    s = votes_sample(np.random.default_rng(0), 2000, V, 8)
+    final = {}
+    for t in range(1, 2000):
+        final[int(s["need_id"][t])] = int(s["targets"][t] - ballot_range(V)[1])
+    assert min(final.values()) <= 4 and max(final.values()) >= 11
+
+
 def test_mixture_carries_task_and_difficulty_and_streams_fresh_samples():
     dm = SyntheticDataModule(seq_len=64, vocab_size=V, task="recall_count", batch_size=16, train_steps=4)
     torch.manual_seed(0)
@@ -80,6 +109,7 @@ def test_mixture_carries_task_and_difficulty_and_streams_fresh_samples():
         ),
         (dict(task="recall", min_pairs=9, max_pairs=8), "data.min_pairs=9 is invalid"),
         (dict(task="recall", vocab_size=64), "data.vocab_size=64 is invalid: must be >= seq_len + 18"),
+        (dict(task="votes", alphabets=[2, 600]), "data.alphabets=[2, 600] is invalid: each must be an integer in [1,"),
         (dict(task="sorting"), "data.task='sorting' is invalid"),
     ],
 )

@@ -16,6 +16,7 @@ from adaptive_attn.data.mqar import make_mqar, resolve_pairs
 from adaptive_attn.data.synthetic import TaskDataset, make_mixture
 from adaptive_attn.data.tasks import check_synthetic
 from adaptive_attn.data.text import check_tokenizer
+from adaptive_attn.data.votes import make_votes
 
 
 class ResumableRandomSampler(Sampler[int]):
@@ -92,10 +93,10 @@ class LMDataModule(L.LightningDataModule):
 
 
 class SyntheticDataModule(LMDataModule):
-    """`task`: `recall` (MQAR, Zoology's generator), `counting`, or `recall_count` (each sequence either,
-    with `recall_fraction`). Training draws a fresh sample at every index of a stream seeded by
-    (data_seed, the run's seed), `train_steps` batches long; validation and test are fixed sets of
-    `num_val` samples seeded by data_seed alone, the same for every run."""
+    """`task`: `recall` (MQAR, Zoology's generator), `counting`, `recall_count` (each sequence either,
+    with `recall_fraction`), or `votes` (vote share, over `alphabets`). Training draws a fresh sample at
+    every index of a stream seeded by (data_seed, the run's seed), `train_steps` batches long; validation
+    and test are fixed sets of `num_val` samples seeded by data_seed alone, the same for every run."""
 
     def __init__(
         self,
@@ -116,6 +117,9 @@ class SyntheticDataModule(LMDataModule):
         super().__init__(seq_len, vocab_size, **kwargs)
         check_synthetic(task, seq_len, vocab_size, min_pairs, max_pairs, alphabets, count_cap)
         self.task, self.train_steps, self.num_val, self.data_seed = task, train_steps, num_val, data_seed
+        if task == "votes":
+            self.make_sample = make_votes(seq_len, vocab_size, list(alphabets))
+            return
         recall = counting = None
         if task != "counting":
             recall = make_mqar(seq_len, vocab_size, *resolve_pairs(seq_len, min_pairs, max_pairs), power_a)

@@ -1,23 +1,25 @@
 """Synthetic tasks with a known need: the shared vocabulary, the sample format, and the datasets.
 
 Every sample is a dict of
-- `tokens [L + 1]`: the sequence; its first token names the task (`RECALL_BOS`, `COUNT_BOS`);
+- `tokens [L + 1]`: the sequence; its first token names the task (`RECALL_BOS`, `COUNT_BOS`,
+  `VOTES_BOS`);
 - `targets [L]`: what each input position predicts (the next token for recall, a count label for
-  counting), scored where `target_mask [L]` is set;
+  counting and votes), scored where `target_mask [L]` is set;
 - `need_id [L]`: the ground truth of need. Query t needs the earlier positions s < t with
   need_id[s] == need_id[t] != 0 (`needed_mask` expands it);
-- `task` (0 recall, 1 counting) and `difficulty` (key-value pairs, or alphabet size).
+- `task` (0 recall, 1 counting, 2 votes) and `difficulty` (key-value pairs, or alphabet size).
 
-Vocabulary: 0 and 1 are the task tokens, [2, V - 16) the content tokens (keys, values, symbols,
-fillers), the last 16 the count labels 0..15.
+Vocabulary: 0 and 1 are the task tokens of recall and counting, [2, V - 16) the content tokens (keys,
+values, symbols, fillers), the last 16 the count labels 0..15. Votes, which no mixture draws with the
+others, takes 2 as its task token and its ballots from [3, V - 16).
 """
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-RECALL_BOS, COUNT_BOS = 0, 1
-TASKS = ("recall", "counting")
+RECALL_BOS, COUNT_BOS, VOTES_BOS = 0, 1, 2
+TASKS = ("recall", "counting", "votes")
 COUNT_LABELS = 16
 CONTENT_START = 2
 

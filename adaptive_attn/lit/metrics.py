@@ -7,15 +7,15 @@ from collections import defaultdict
 import torch
 
 from adaptive_attn.data.domains import TEXT_DOMAINS
-from adaptive_attn.data.synthetic import needed_mask
+from adaptive_attn.data.synthetic import TASKS, needed_mask
 
 POSITION_BUCKETS = 4  # quarters of the sequence: late positions are where long context is used
 
 
 def slice_name(task: int, difficulty: int) -> str:
-    """recall: pairs in octaves (pairs4-7); counting: the alphabet size itself."""
-    if task == 1:
-        return f"counting/alphabet{difficulty}"
+    """recall: pairs in octaves (pairs4-7); counting and votes: the alphabet size itself."""
+    if task in (1, 2):
+        return f"{TASKS[task]}/alphabet{difficulty}"
     low = 1 << (difficulty.bit_length() - 1)
     return f"recall/pairs{low}-{2 * low - 1}"
 
