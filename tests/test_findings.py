@@ -89,3 +89,27 @@ def test_quality_is_also_pooled_over_lengths_by_length_and_seed():
     assert table[(64, "adaptive10 - fixed10", "val_acc")] == "0.150 ± 0.635 (n=2)"
     assert table[("all", "adaptive10 - fixed10", "val_acc")] == "0.150 ± 0.092 (n=4)"
     assert ("all", "fixed10 - dense", "val_acc") not in table  # pooled only for the comparisons of adaptive budgets
+
+
+@pytest.mark.parametrize("data", ["counting", "votes"])
+def test_slices_and_k_rows_are_read_from_each_synthetic_tasks_own_columns(data):
+    """Counting's and votes' alphabet slices and k-difficulty correlations never mix."""
+    rows = [
+        {
+            "status": "ok",
+            "data": data,
+            "seq_len": 256,
+            "seed": s,
+            "model": m,
+            f"val_acc/{data}/alphabet2": acc + 0.1 * s,
+            f"k_difficulty_spearman_{data}": -0.5 if m == "adaptive10" else None,
+            "val_acc/counting/alphabet4": 0.0,  # another task's column, empty for votes in a joint results.csv
+        }
+        for s in (0, 1)
+        for m, acc in (("fixed10", 0.5), ("dense", 0.8))
+    ] + [{"status": "ok", "data": data, "seq_len": 256, "seed": 0, "model": "adaptive10"}]
+    rows[-1][f"k_difficulty_spearman_{data}"] = -0.5
+    table = findings(pd.DataFrame(rows)).set_index(["question", "metric"])["mean ± 95% CI"]
+    assert table[("the budget binds: alphabet 2", f"val_acc/{data}/alphabet2")] == "-0.300 ± 0.000 (n=2)"
+    assert table[("k adapts to difficulty", f"k_difficulty_spearman_{data}")] == "-0.500 (n=1)"
+    assert (data == "counting") == (("the budget binds: alphabet 4", "val_acc/counting/alphabet4") in table)

@@ -15,7 +15,7 @@ README_START = "<!-- findings table: generated from results/exp3_cpu/results.csv
 README_END = "\n<!-- end of findings table -->"
 
 # (question, model, baseline, metric, kind): "diff" = model - baseline, "ratio" = model / baseline, paired by
-# (seq_len, seed); "quality" is val accuracy on synthetic tasks and val loss on text
+# (seq_len, seed); "quality" is val accuracy on synthetic tasks and val loss on text; {data} is the data set
 QUESTIONS = [
     ("quality vs fixed, equal compute", "adaptive10", "fixed10", "quality", "diff"),
     ("quality vs fixed, equal compute", "adaptive", "fixed25", "quality", "diff"),
@@ -26,9 +26,9 @@ QUESTIONS = [
     ("upper bound of adapting", "oracle", "fixed25", "quality", "diff"),
     ("convergence (AUC of val accuracy)", "adaptive10", "fixed10", "val_acc_auc", "diff"),
     ("speed vs fixed (step time)", "adaptive10", "fixed10", "step_ms", "ratio"),
-    ("the budget binds: alphabet 2", "fixed10", "dense", "val_acc/counting/alphabet2", "diff"),
-    ("the budget binds: alphabet 4", "fixed10", "dense", "val_acc/counting/alphabet4", "diff"),
-    ("the budget binds: alphabet 32", "fixed10", "dense", "val_acc/counting/alphabet32", "diff"),
+    ("the budget binds: alphabet 2", "fixed10", "dense", "val_acc/{data}/alphabet2", "diff"),
+    ("the budget binds: alphabet 4", "fixed10", "dense", "val_acc/{data}/alphabet4", "diff"),
+    ("the budget binds: alphabet 32", "fixed10", "dense", "val_acc/{data}/alphabet32", "diff"),
     ("sparse vs dense (quality)", "fixed10", "dense", "quality", "diff"),
     ("sparse vs dense (quality)", "fixed25", "dense", "quality", "diff"),
     ("sparse vs dense (quality)", "fixed50", "dense", "quality", "diff"),
@@ -74,7 +74,7 @@ def findings(runs: pd.DataFrame) -> pd.DataFrame:
         quality = "val_acc" if data != "text_domains" else "val_loss"
         for seq_len, cell in data_runs.groupby("seq_len"):
             for question, model, baseline, metric, kind in QUESTIONS:
-                metric = quality if metric == "quality" else metric
+                metric = quality if metric == "quality" else metric.format(data=data)
                 differences = paired(cell, model, baseline, metric, kind)
                 if len(differences):
                     sign = "-" if kind == "diff" else "/"
@@ -89,9 +89,10 @@ def findings(runs: pd.DataFrame) -> pd.DataFrame:
 
 
 def k_rows(cell: pd.DataFrame, data: str, seq_len: int) -> list[tuple]:
-    """How k follows difficulty (counting) and content (text) in one (data, length) cell, per adaptive arm."""
+    """How k follows difficulty (synthetic tasks) and content (text) in one (data, length) cell, per adaptive
+    arm."""
     rows = []
-    spearman = "k_difficulty_spearman_counting"
+    spearman = f"k_difficulty_spearman_{data}"
     for model in ADAPTIVE_ARMS if spearman in cell else ():
         values = cell[cell["model"] == model][spearman]
         if values.notna().any():

@@ -26,6 +26,7 @@ METRICS = [
     "wall_s_to_acc_0.9",
     "k_difficulty_spearman_recall",
     "k_difficulty_spearman_counting",
+    "k_difficulty_spearman_votes",
 ]
 TABLE_METRICS = [m for m in METRICS if m not in ("test_loss", "test_acc", "step_ms")]
 COMPARED = ["val_loss", "val_acc", "val_acc_auc", "steps_to_acc_0.9", "step_ms"]

@@ -204,7 +204,7 @@ class SparsityStats(L.Callback):
             self._difficulty.append({**kind, "k": sum(k) / len(k), **{f"k_layer{i}": v for i, v in enumerate(k)}})
 
     def on_test_epoch_end(self, trainer, pl_module):
-        """Spearman correlation of k with difficulty, per task (recall: pairs; counting: alphabet size,
+        """Spearman correlation of k with difficulty, per task (recall: pairs; counting, votes: alphabet size,
         where a smaller alphabet needs more keys); on text, the mean k of each domain."""
         if not self._difficulty:
             return
