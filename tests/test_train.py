@@ -41,7 +41,15 @@ def test_failing_run_is_recorded_as_failed(compose_cfg):
     assert summary["status"] == "failed" and summary["error"]
 
 
-EXPERIMENTS = ["exp3", "exp3_text", "exp3_cpu_synthetic", "exp3_cpu_votes", "exp3_cpu_text", "synthetic_pilot"]
+EXPERIMENTS = [
+    "exp3",
+    "exp3_text",
+    "exp3_votes",
+    "exp3_cpu_synthetic",
+    "exp3_cpu_votes",
+    "exp3_cpu_text",
+    "synthetic_pilot",
+]
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
@@ -65,7 +73,7 @@ def test_experiment_configs_run_at_tiny_size(compose_cfg, experiment):
             f"k_mean_domain_{d}" for d in domains
         ]
         assert summary[f"k_mean_domain_{domains[0]}"] == pytest.approx(k_vs[k_vs["domain"] == domains[0]]["k"].mean())
-    elif experiment in ("exp3_cpu_synthetic", "exp3_cpu_votes"):
+    elif experiment in ("exp3_cpu_synthetic", "exp3_cpu_votes", "exp3_votes"):
         task = cfg.data.task
         assert set(k_vs["task"]) == {task} and f"k_difficulty_spearman_{task}" in summary
         assert any(k.startswith(f"acc/{task}/alphabet") for k in summary["val_slices"])
