@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from adaptive_attn.data.synthetic import TASKS
+
 METRICS = [
     "val_loss",
     "val_acc",
@@ -24,9 +26,7 @@ METRICS = [
     "val_acc_auc",
     "steps_to_acc_0.9",
     "wall_s_to_acc_0.9",
-    "k_difficulty_spearman_recall",
-    "k_difficulty_spearman_counting",
-    "k_difficulty_spearman_votes",
+    *(f"k_difficulty_spearman_{task}" for task in TASKS),
 ]
 TABLE_METRICS = [m for m in METRICS if m not in ("test_loss", "test_acc", "step_ms")]
 COMPARED = ["val_loss", "val_acc", "val_acc_auc", "steps_to_acc_0.9", "step_ms"]

@@ -14,7 +14,7 @@ POSITION_BUCKETS = 4  # quarters of the sequence: late positions are where long 
 
 def slice_name(task: int, difficulty: int) -> str:
     """recall: pairs in octaves (pairs4-7); counting and votes: the alphabet size itself."""
-    if task in (1, 2):
+    if TASKS[task] != "recall":
         return f"{TASKS[task]}/alphabet{difficulty}"
     low = 1 << (difficulty.bit_length() - 1)
     return f"recall/pairs{low}-{2 * low - 1}"
