@@ -12,6 +12,7 @@ from adaptive_attn.ops.layout import SparseLayout
 from adaptive_attn.runner import run
 from adaptive_attn.sparse.budget import AdaptiveTopP
 from adaptive_attn.sparse.controller import (
+    FEATURES,
     AttentionEntropyEstimator,
     ContentComplexityAnalyzer,
     DynamicSparsityController,
@@ -84,6 +85,23 @@ def test_controller_parameters_learn_from_the_lm_loss(mode):
         grads = [p.grad for p in dsa.budget.parameters()]
         assert grads and all(g is not None for g in grads)
         assert sum(float(g.abs().sum()) for g in grads) > 0
+
+
+def test_controller_stats_report_its_learned_weights():
+    """The logged weights start at the prior (1 per feature) and follow the parameters once the LM loss has
+    moved them, so a run's metrics show whether k's policy was learned."""
+    model = adaptive_model()
+    controller = next(iter(model.sparse_layers())).budget
+    model(torch.randint(0, 50, (2, 64)))
+    assert all(float(controller.stats()[f"weight_{name}"]) == 1.0 for name in FEATURES)
+    tokens = torch.randint(0, 50, (4, 64))
+    logits, _ = model(tokens)
+    torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens.flatten()).backward()
+    torch.optim.SGD(controller.parameters(), lr=10.0).step()
+    stats = controller.stats()
+    assert [float(stats[f"weight_{name}"]) for name in FEATURES] == controller.calculator.weight.tolist()
+    assert any(float(stats[f"weight_{name}"]) != 1.0 for name in FEATURES)
+    assert float(stats["weight_bias"]) == float(controller.calculator.bias)
 
 
 def test_soft_rank_mask_leaves_the_forward_pass_unchanged():

@@ -102,6 +102,10 @@ class AdaptiveKCalculator(nn.Module):
         self.multiplier += self.dual_lr * (realised_keep - self.target)
 
 
+# the controller's features, in the order of its calculator's weights
+FEATURES = ("diversity", "predictability", "variance", "entropy", "length")
+
+
 def check_query_stride(query_stride) -> None:
     if not (isinstance(query_stride, int) and query_stride >= 1):
         raise ValueError(f"model.budget.query_stride={query_stride!r} is invalid: must be an integer >= 1")
@@ -124,7 +128,7 @@ class DynamicSparsityController(nn.Module):
         check_query_stride(query_stride)
         self.complexity = ContentComplexityAnalyzer()
         self.entropy = AttentionEntropyEstimator()
-        self.calculator = AdaptiveKCalculator(ContentComplexityAnalyzer.n_features + 2, target, lo, hi, dual_lr)
+        self.calculator = AdaptiveKCalculator(len(FEATURES), target, lo, hi, dual_lr)
         self.reference_len, self.query_stride = reference_len, query_stride
         self.factors: dict[str, torch.Tensor] = {}  # batch means of the last call's features, for logging
 
@@ -141,7 +145,7 @@ class DynamicSparsityController(nn.Module):
         length = torch.full_like(entropy, math.log(L) / math.log(self.reference_len))
         features = torch.cat([content, entropy[..., None], length[..., None]], dim=-1)
         means = features.mean((0, 1))  # features carry no gradient: x and the scores are detached
-        self.factors = dict(zip(("diversity", "predictability", "variance", "entropy", "length"), means))
+        self.factors = dict(zip(FEATURES, means))
         keep = self.calculator(features)[:, first.cumsum(0) - 1]  # each row gets its group's keep
         return layout.columns_for_tokens(keep * L)
 
@@ -153,8 +157,13 @@ class DynamicSparsityController(nn.Module):
         self.calculator.dual_step(realised_keep)
 
     def stats(self) -> dict[str, torch.Tensor]:
+        """The last call's mean features, and the calculator's weights (the prior is 1 each: whether the
+        LM loss moves them says whether k's policy is learned or stays the prior)."""
+        weights = self.calculator.weight.detach().clone()
         return {
             **{f"factor_{k}": v for k, v in self.factors.items()},
+            **{f"weight_{k}": w for k, w in zip(FEATURES, weights)},
+            "weight_bias": self.calculator.bias.detach().clone(),
             "multiplier": self.calculator.multiplier.clone(),
             "target": torch.tensor(self.calculator.target),
         }
