@@ -183,6 +183,8 @@ def _validate_budget(cfg: DictConfig) -> None:
     _rule(check_target, budget.get("target"), budget.get("lo", 0.0), budget.get("hi", 1.0))
     if "query_stride" in budget:
         _rule(check_query_stride, budget.query_stride)
+    if "lr_scale" in budget:
+        _number_in(cfg, "model.budget.lr_scale", 0, 1000, lo_open=True)
 
 
 def _validate_sparse(cfg: DictConfig) -> None:

@@ -4,9 +4,11 @@ import json
 from functools import partial
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 
+from adaptive_attn.lit.module import SparseLMModule
 from adaptive_attn.model.llm import AdaptiveMoELLM
 from adaptive_attn.ops.layout import SparseLayout
 from adaptive_attn.runner import run
@@ -102,6 +104,26 @@ def test_controller_stats_report_its_learned_weights():
     assert [float(stats[f"weight_{name}"]) for name in FEATURES] == controller.calculator.weight.tolist()
     assert any(float(stats[f"weight_{name}"]) != 1.0 for name in FEATURES)
     assert float(stats["weight_bias"]) == float(controller.calculator.bias)
+
+
+def test_controller_trains_at_its_own_learning_rate():
+    """`lr_scale` gives the controllers' parameters, and only them, lr * lr_scale (no weight decay); every
+    parameter is in exactly one group."""
+    budget = partial(DynamicSparsityController, target=0.25, lr_scale=30.0)
+    model = AdaptiveMoELLM(**tiny_model_kwargs(), budget=budget, sparse={})
+    module = SparseLMModule(model, lr=1e-3, lr_warmup_steps=0)
+    module.trainer = L.Trainer(max_steps=10, logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    groups = module.configure_optimizers()["optimizer"].param_groups
+    controller_params = {id(p) for dsa in model.sparse_layers() for p in dsa.budget.parameters()}
+    grouped = [id(p) for g in groups for p in g["params"]]
+    assert sorted(grouped) == sorted(id(p) for p in model.parameters())
+    for g in groups:
+        own = {id(p) in controller_params for p in g["params"]}
+        assert len(own) == 1
+        if own == {True}:
+            assert g["lr"] == pytest.approx(30 * 1e-3) and g["weight_decay"] == 0.0
+        else:
+            assert g["lr"] == pytest.approx(1e-3)
 
 
 def test_soft_rank_mask_leaves_the_forward_pass_unchanged():

@@ -20,6 +20,8 @@ QUESTIONS = [
     ("quality vs fixed, equal compute", "adaptive10", "fixed10", "quality", "diff"),
     ("quality vs fixed, equal compute", "adaptive", "fixed25", "quality", "diff"),
     ("quality vs fixed, equal compute", "adaptive_topp", "fixed25", "quality", "diff"),
+    ("quality vs fixed, equal compute", "adaptive10_lr30", "fixed10", "quality", "diff"),
+    ("a policy that learns faster", "adaptive10_lr30", "adaptive10", "quality", "diff"),
     ("which sequence gets the budget", "adaptive10", "shuffled10", "quality", "diff"),
     ("which sequence gets the budget", "adaptive", "shuffled", "quality", "diff"),
     ("upper bound of adapting", "oracle10", "fixed10", "quality", "diff"),
@@ -42,7 +44,16 @@ QUESTIONS = [
 # the questions that also get a row over all lengths of a data set
 POOLED = ("quality vs fixed, equal compute", "which sequence gets the budget")
 # the arms whose k varies per sequence, for how k follows difficulty and content (the shuffled ones: the null)
-ADAPTIVE_ARMS = ("adaptive10", "adaptive", "adaptive_topp", "oracle10", "oracle", "shuffled10", "shuffled")
+ADAPTIVE_ARMS = (
+    "adaptive10",
+    "adaptive10_lr30",
+    "adaptive",
+    "adaptive_topp",
+    "oracle10",
+    "oracle",
+    "shuffled10",
+    "shuffled",
+)
 
 
 def mean_ci(values: pd.Series) -> str:

@@ -130,7 +130,7 @@ def equal_compute_pairs(runs: pd.DataFrame) -> list[tuple[str, str]]:
     )
     targets = ok.dropna(subset=["target"]).groupby("model")["target"].first() if "target" in ok else pd.Series()
     pairs = [(m, fixed[round(t, 4)]) for m, t in targets.items() if round(t, 4) in fixed]
-    adaptive = {round(t, 4): m for m, t in targets.items() if m.startswith("adaptive") and "topp" not in m}
+    adaptive = {round(t, 4): m for m, t in targets.items() if m in ("adaptive", "adaptive10")}  # no variants
     pairs += [(m, adaptive[round(t, 4)]) for m, t in targets.items() if m == "shuffled" and round(t, 4) in adaptive]
     return pairs
 

@@ -1,6 +1,7 @@
 """SparseLMModule: next-token training of an MoELLM with the DSA indexer protocol."""
 
 import math
+from collections import defaultdict
 
 import lightning as L
 import torch
@@ -118,13 +119,25 @@ class SparseLMModule(L.LightningModule):
         self._eval_epoch_end("test")
 
     def configure_optimizers(self):
-        decay, no_decay = [], []
+        # an adaptive budget's controller may train at its own rate (`lr_scale`): a few parameters, set by
+        # the sparse steps alone, which Adam moves by about lr per step at most
+        own_rate = {
+            id(p): m.lr_scale
+            for m in self.model.modules()
+            if getattr(m, "lr_scale", 1.0) != 1.0
+            for p in m.parameters()
+        }
+        decay, no_decay, scaled = [], [], defaultdict(list)
         for p in self.model.parameters():
-            (decay if p.dim() >= 2 else no_decay).append(p)
+            if id(p) in own_rate:
+                scaled[own_rate[id(p)]].append(p)
+            else:
+                (decay if p.dim() >= 2 else no_decay).append(p)
         groups = [
             {"params": decay, "weight_decay": self.hparams.weight_decay},
             {"params": no_decay, "weight_decay": 0.0},
         ]
+        groups += [{"params": ps, "weight_decay": 0.0, "lr": self.hparams.lr * scale} for scale, ps in scaled.items()]
         optimizer = torch.optim.AdamW(groups, lr=self.hparams.lr, betas=tuple(self.hparams.betas))
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup, floor = self.hparams.lr_warmup_steps, self.hparams.min_lr_ratio

@@ -123,9 +123,11 @@ class DynamicSparsityController(nn.Module):
         hi: float = 1.0,
         dual_lr: float = 0.5,
         query_stride: int = 16,
+        lr_scale: float = 1.0,
     ):
         super().__init__()
         check_query_stride(query_stride)
+        self.lr_scale = lr_scale  # the optimiser trains this module's parameters at lr * lr_scale
         self.complexity = ContentComplexityAnalyzer()
         self.entropy = AttentionEntropyEstimator()
         self.calculator = AdaptiveKCalculator(len(FEATURES), target, lo, hi, dual_lr)
