@@ -185,6 +185,9 @@ def _validate_budget(cfg: DictConfig) -> None:
         _rule(check_query_stride, budget.query_stride)
     if "lr_scale" in budget:
         _number_in(cfg, "model.budget.lr_scale", 0, 1000, lo_open=True)
+    if "learn_level" in budget:
+        value = budget.learn_level
+        _require(isinstance(value, bool), f"model.budget.learn_level={value!r} is invalid: must be true or false")
 
 
 def _validate_sparse(cfg: DictConfig) -> None:

@@ -126,6 +126,24 @@ def test_controller_trains_at_its_own_learning_rate():
             assert g["lr"] == pytest.approx(1e-3)
 
 
+def test_without_learn_level_the_loss_trains_where_k_goes_around_running_feature_means():
+    """learn_level=False: the bias is no parameter (the dual ascent alone sets k's level), the weights still
+    learn, and the features are centred at running means that move towards each step's means."""
+    budget = partial(DynamicSparsityController, target=0.25, reference_len=64, learn_level=False)
+    model = AdaptiveMoELLM(**tiny_model_kwargs(), budget=budget, sparse={})
+    controller = next(iter(model.sparse_layers())).budget
+    calculator = controller.calculator
+    assert [name for name, _ in controller.named_parameters()] == ["calculator.weight"]
+    tokens = torch.randint(0, 50, (4, 64))
+    logits, _ = model(tokens)
+    torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens.flatten()).backward()
+    assert float(calculator.weight.grad.abs().sum()) > 0
+    means = torch.stack([controller.factors[name] for name in FEATURES])
+    before = calculator.centre.clone()
+    controller.update(0.25)
+    assert torch.allclose(calculator.centre, before + calculator.centre_momentum * (means - before))
+
+
 def test_soft_rank_mask_leaves_the_forward_pass_unchanged():
     model = adaptive_model().double()
     tokens = torch.randint(0, 50, (2, 40))
@@ -143,6 +161,7 @@ def test_soft_rank_mask_leaves_the_forward_pass_unchanged():
         ("adaptive", ["model.sparse.block_size=8"]),
         ("oracle", []),
         ("shuffled", ["data.batch_size=8"]),
+        ("adaptive10_lr30", []),
     ],
 )
 def test_short_run_holds_the_equivalent_keep_at_target(compose_cfg, model_name, extra):

@@ -64,6 +64,7 @@ BAD_VALUES = [
     ("model=adaptive model.budget.target=1.5", "model.budget.target=1.5 is invalid: must be in (0.02, 1.0)"),
     ("model=adaptive model.budget.query_stride=0", "model.budget.query_stride=0 is invalid: must be an integer"),
     ("model=adaptive model.budget.lr_scale=0", "model.budget.lr_scale=0 is invalid: must be a number in (0, 1000]"),
+    ("model=adaptive model.budget.learn_level=2", "model.budget.learn_level=2 is invalid: must be true or false"),
     ("model.sparse.backend=cuda", "model.sparse.backend='cuda' is invalid: choose one of reference, torch"),
     ("model.sparse.backend=flex", "model.sparse.backend=flex does not fit model.sparse.block_size=1"),
     (

@@ -80,26 +80,51 @@ class AttentionEntropyEstimator(nn.Module):
 
 
 class AdaptiveKCalculator(nn.Module):
-    """Features [B, R, F] -> keep ratio [B, R] in [lo, hi], differentiable in the weights."""
+    """Features [B, R, F] -> keep ratio [B, R] in [lo, hi], differentiable in the weights.
 
-    def __init__(self, n_features: int, target: float, lo: float = 0.02, hi: float = 1.0, dual_lr: float = 0.5):
+    The LM loss favours more keys everywhere, which the dual ascent holds back. With `learn_level` (the
+    default) it trains the bias and weights on features centred at 0.5, and so also pushes k's overall
+    level. Without, the bias stays at its prior and the features are centred at their running means (from
+    earlier steps, so a forward never sees other positions): the weights' gradient then says only which
+    content should get more keys than the mean, and the level is the dual ascent's alone. A controller
+    trained much faster than the dual ascent needs that, or it outruns the budget."""
+
+    def __init__(
+        self,
+        n_features: int,
+        target: float,
+        lo: float = 0.02,
+        hi: float = 1.0,
+        dual_lr: float = 0.5,
+        learn_level: bool = True,
+        centre_momentum: float = 0.05,
+    ):
         super().__init__()
         check_target(target, lo, hi)
         self.lo, self.hi, self.target, self.dual_lr = lo, hi, target, dual_lr
+        self.learn_level, self.centre_momentum = learn_level, centre_momentum
         # prior: more complex / more uncertain content gets more keys; the LM loss refines it
         self.weight = nn.Parameter(torch.ones(n_features))
-        self.bias = nn.Parameter(torch.tensor(math.log((target - lo) / (hi - target))))
+        bias = torch.tensor(math.log((target - lo) / (hi - target)))
+        if learn_level:
+            self.bias = nn.Parameter(bias)
+        else:
+            self.register_buffer("bias", bias)
+            self.register_buffer("centre", torch.full((n_features,), 0.5))  # running means of the features
         self.register_buffer("multiplier", torch.zeros(()))  # lambda of the budget constraint
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        centred = features - 0.5
+        centred = features - (0.5 if self.learn_level else self.centre)
         z = (centred * self.weight).sum(-1) + self.bias - self.multiplier
         return self.lo + (self.hi - self.lo) * torch.sigmoid(z)
 
     @torch.no_grad()
-    def dual_step(self, realised_keep: float) -> None:
-        """Dual ascent on the budget constraint: lambda += lr * (realised keep - target)."""
+    def dual_step(self, realised_keep: float, feature_means: torch.Tensor | None = None) -> None:
+        """Dual ascent on the budget constraint: lambda += lr * (realised keep - target); without
+        `learn_level`, the running means of the features move towards this step's [F]."""
         self.multiplier += self.dual_lr * (realised_keep - self.target)
+        if not self.learn_level and feature_means is not None:
+            self.centre.lerp_(feature_means.to(self.centre), self.centre_momentum)
 
 
 # the controller's features, in the order of its calculator's weights
@@ -124,13 +149,14 @@ class DynamicSparsityController(nn.Module):
         dual_lr: float = 0.5,
         query_stride: int = 16,
         lr_scale: float = 1.0,
+        learn_level: bool = True,
     ):
         super().__init__()
         check_query_stride(query_stride)
         self.lr_scale = lr_scale  # the optimiser trains this module's parameters at lr * lr_scale
         self.complexity = ContentComplexityAnalyzer()
         self.entropy = AttentionEntropyEstimator()
-        self.calculator = AdaptiveKCalculator(len(FEATURES), target, lo, hi, dual_lr)
+        self.calculator = AdaptiveKCalculator(len(FEATURES), target, lo, hi, dual_lr, learn_level)
         self.reference_len, self.query_stride = reference_len, query_stride
         self.factors: dict[str, torch.Tensor] = {}  # batch means of the last call's features, for logging
 
@@ -156,7 +182,8 @@ class DynamicSparsityController(nn.Module):
 
     def update(self, realised_keep: float) -> None:
         """After each training step: dual ascent on the budget constraint with the batch's keep."""
-        self.calculator.dual_step(realised_keep)
+        means = torch.stack([self.factors[name] for name in FEATURES]) if self.factors else None
+        self.calculator.dual_step(realised_keep, means)
 
     def stats(self) -> dict[str, torch.Tensor]:
         """The last call's mean features, and the calculator's weights (the prior is 1 each: whether the
