@@ -48,6 +48,8 @@ def wandb_offline() -> bool:
 
 
 OmegaConf.register_new_resolver("wandb_offline", wandb_offline, replace=True)
+# e.g. a batch of a fixed number of tokens at any length: ${floordiv:8192,${seq_len}}
+OmegaConf.register_new_resolver("floordiv", lambda a, b: int(a) // int(b), replace=True)
 
 
 class ConfigError(ValueError):

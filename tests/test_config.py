@@ -163,3 +163,10 @@ def test_a_dense_model_in_a_sweep_with_sparse_settings_is_valid(compose_cfg):
     assert cfg.model.sparse.sink_tokens == 1
     validate(cfg)
     assert not list(instantiate(cfg.model).sparse_layers())
+
+
+@pytest.mark.parametrize("seq_len,batch", [(256, 32), (512, 16), (2048, 4)])
+def test_vote_share_study_holds_its_tokens_per_batch_at_every_length(compose_cfg, seq_len, batch):
+    cfg = compose_cfg(["experiment=exp3_cpu_votes", f"seq_len={seq_len}"])
+    assert cfg.data.batch_size == batch
+    validate(cfg)
