@@ -28,6 +28,8 @@ QUESTIONS = [
     ("upper bound of adapting", "oracle", "fixed25", "quality", "diff"),
     ("where adapting moves keys: alphabet 2", "adaptive10", "fixed10", "val_acc/{data}/alphabet2", "diff"),
     ("where adapting moves keys: alphabet 32", "adaptive10", "fixed10", "val_acc/{data}/alphabet32", "diff"),
+    ("where adapting moves keys: alphabet 2", "adaptive10_lr30", "fixed10", "val_acc/{data}/alphabet2", "diff"),
+    ("where adapting moves keys: alphabet 32", "adaptive10_lr30", "fixed10", "val_acc/{data}/alphabet32", "diff"),
     ("convergence (AUC of val accuracy)", "adaptive10", "fixed10", "val_acc_auc", "diff"),
     ("speed vs fixed (step time)", "adaptive10", "fixed10", "step_ms", "ratio"),
     ("the budget binds: alphabet 2", "fixed10", "dense", "val_acc/{data}/alphabet2", "diff"),
