@@ -128,8 +128,9 @@ def with_layer_means(prefix: str, stats: dict[str, dict[int, float]]) -> dict[st
 class SparsityStats(L.Callback):
     """Logs the statistics the DSA layers return with each step: every `log_every_n_steps` training steps
     (pairs share, equivalent keep, k mean/std/min/max, indexer KL, budget multiplier or top-p, controller
-    features and weights, W&B histograms of k), means over the validation set (with attention-mass recall against a
-    random selection of the same size), and on the test set each sequence's k against its difficulty."""
+    features and weights, W&B histograms of k), means over the validation set (with attention-mass recall
+    against a random selection of the same size), and on the test set each sequence's k against its
+    difficulty."""
 
     def __init__(self, log_every_n_steps: int = 10):
         self.log_every = log_every_n_steps

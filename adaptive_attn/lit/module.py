@@ -119,8 +119,8 @@ class SparseLMModule(L.LightningModule):
         self._eval_epoch_end("test")
 
     def configure_optimizers(self):
-        # an adaptive budget's controller may train at its own rate (`lr_scale`): a few parameters, set by
-        # the sparse steps alone, which Adam moves by about lr per step at most
+        # an adaptive budget's controller may train at its own rate (`lr_scale`): it learns in the sparse
+        # stage alone, where Adam moves each of its few parameters by about lr per step at most
         own_rate = {
             id(p): m.lr_scale
             for m in self.model.modules()

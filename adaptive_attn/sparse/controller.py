@@ -31,6 +31,9 @@ from torch import nn
 from adaptive_attn.ops.layout import SparseLayout
 from adaptive_attn.sparse.budget import check_target
 
+# the controller's features, in the order of its calculator's weights
+FEATURES = ("diversity", "predictability", "variance", "entropy", "length")
+
 
 def prefix_sums_at(positions: torch.Tensor, *series: torch.Tensor) -> list[torch.Tensor]:
     """Sums over positions <= p of each series [B, L, ...] at each of the ascending `positions` [P]
@@ -125,10 +128,6 @@ class AdaptiveKCalculator(nn.Module):
         self.multiplier += self.dual_lr * (realised_keep - self.target)
         if not self.learn_level and feature_means is not None:
             self.centre.lerp_(feature_means.to(self.centre), self.centre_momentum)
-
-
-# the controller's features, in the order of its calculator's weights
-FEATURES = ("diversity", "predictability", "variance", "entropy", "length")
 
 
 def check_query_stride(query_stride) -> None:
