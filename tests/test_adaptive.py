@@ -138,7 +138,7 @@ def test_without_learn_level_the_loss_trains_where_k_goes_around_running_feature
     logits, _ = model(tokens)
     torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens.flatten()).backward()
     assert float(calculator.weight.grad.abs().sum()) > 0
-    means = torch.stack([controller.factors[name] for name in FEATURES])
+    means = controller.feature_means
     before = calculator.centre.clone()
     controller.update(0.25)
     assert torch.allclose(calculator.centre, before + calculator.centre_momentum * (means - before))

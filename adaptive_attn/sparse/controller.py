@@ -157,7 +157,7 @@ class DynamicSparsityController(nn.Module):
         self.entropy = AttentionEntropyEstimator()
         self.calculator = AdaptiveKCalculator(len(FEATURES), target, lo, hi, dual_lr, learn_level)
         self.reference_len, self.query_stride = reference_len, query_stride
-        self.factors: dict[str, torch.Tensor] = {}  # batch means of the last call's features, for logging
+        self.feature_means: torch.Tensor | None = None  # [F] batch means of the last call's features
 
     def forward(self, x: torch.Tensor, scores: torch.Tensor, layout: SparseLayout) -> torch.Tensor:
         """x [B, L, D], indexer scores [B, R, C] -> k [B, R] in the layout's columns (float,
@@ -171,8 +171,7 @@ class DynamicSparsityController(nn.Module):
         entropy = self.entropy(scores.detach()[:, deciding], layout.n_eligible[deciding])
         length = torch.full_like(entropy, math.log(L) / math.log(self.reference_len))
         features = torch.cat([content, entropy[..., None], length[..., None]], dim=-1)
-        means = features.mean((0, 1))  # features carry no gradient: x and the scores are detached
-        self.factors = dict(zip(FEATURES, means))
+        self.feature_means = features.mean((0, 1))  # no gradient: x and the scores are detached
         keep = self.calculator(features)[:, first.cumsum(0) - 1]  # each row gets its group's keep
         return layout.columns_for_tokens(keep * L)
 
@@ -181,15 +180,15 @@ class DynamicSparsityController(nn.Module):
 
     def update(self, realised_keep: float) -> None:
         """After each training step: dual ascent on the budget constraint with the batch's keep."""
-        means = torch.stack([self.factors[name] for name in FEATURES]) if self.factors else None
-        self.calculator.dual_step(realised_keep, means)
+        self.calculator.dual_step(realised_keep, self.feature_means)
 
     def stats(self) -> dict[str, torch.Tensor]:
         """The last call's mean features, and the calculator's weights (the prior is 1 each: whether the
         LM loss moves them says whether k's policy is learned or stays the prior)."""
+        means = () if self.feature_means is None else self.feature_means
         weights = self.calculator.weight.detach().clone()
         return {
-            **{f"factor_{k}": v for k, v in self.factors.items()},
+            **{f"factor_{k}": v for k, v in zip(FEATURES, means)},
             **{f"weight_{k}": w for k, w in zip(FEATURES, weights)},
             "weight_bias": self.calculator.bias.detach().clone(),
             "multiplier": self.calculator.multiplier.clone(),
