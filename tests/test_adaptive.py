@@ -103,7 +103,7 @@ def test_controller_stats_report_its_learned_weights():
     stats = controller.stats()
     assert [float(stats[f"weight_{name}"]) for name in FEATURES] == controller.calculator.weight.tolist()
     assert any(float(stats[f"weight_{name}"]) != 1.0 for name in FEATURES)
-    assert float(stats["weight_bias"]) == float(controller.calculator.bias)
+    assert float(stats["weight_bias"]) == float(controller.calculator.bias.detach())
 
 
 def test_controller_trains_at_its_own_learning_rate():

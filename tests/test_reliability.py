@@ -129,7 +129,11 @@ def test_text_corpora_read_text_files_only_and_always_hold_out_validation(tmp_pa
     assert [f.name for f in dm.files] == ["a.py", "b.py"]
     dm.setup()
     assert len(dm.splits["val"]) > 0 and len(dm.splits["train"]) > 0
-    single = TextDataModule(seq_len=32, paths=[str(corpus / "a.py")], cache_dir=str(tmp_path / "cache"))
-    single.setup()
-    assert len(single.splits["val"]) > 0 and len(single.splits["train"]) > 0
+    # a single file is split by tokens, whichever side its path's hash would pick
+    hashed_to_val = next(p for i in range(10_000) if text.split_of(p := corpus / f"v{i}.py", 2.0) == "val")
+    hashed_to_val.write_text("def v():\n    return 3\n" * 200)
+    for path in (corpus / "a.py", hashed_to_val):
+        single = TextDataModule(seq_len=32, paths=[str(path)], cache_dir=str(tmp_path / "cache"))
+        single.setup()
+        assert len(single.splits["val"]) > 0 and len(single.splits["train"]) > 0
     assert all(text.is_text(f) for f in dm.files) and not text.is_text(corpus / "koi8.py")

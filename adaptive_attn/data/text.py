@@ -72,8 +72,11 @@ def text_files(files: list[Path]) -> list[Path]:
 
 def split_files(files: list[Path], val_percent: float) -> dict[str, list[Path]]:
     """Files -> train and val by a hash of each path. A small corpus where one side would be empty gives
-    that side the file whose hash is lowest (a single file is split by tokens instead, in the data module)."""
+    that side the file whose hash is lowest. A single file goes to train, and the data module splits it by
+    tokens."""
     splits: dict[str, list[Path]] = {"train": [], "val": []}
+    if len(files) == 1:
+        return {"train": list(files), "val": []}
     for f in files:
         splits[split_of(f, val_percent)].append(f)
     for empty, full in (("val", "train"), ("train", "val")):
