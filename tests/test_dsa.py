@@ -45,11 +45,17 @@ def test_layout_geometry_of_padded_blocks():
 
 def test_indexer_scores_are_eq1_term_by_term():
     """I[t, s] = sum_j w[t, j] ReLU(q[t, j] . k[s]), summed head by head in a loop, against the indexer's
-    vectorised score (the one both token and block scores go through)."""
+    vectorised score (the one both token and block scores go through), values and gradients."""
     torch.manual_seed(0)
-    q, w, k = (torch.randn(*shape, dtype=torch.float64) for shape in ((2, 5, 3, 8), (2, 5, 3), (2, 7, 8)))
+    shapes = ((2, 5, 3, 8), (2, 5, 3), (2, 7, 8))
+    q, w, k = (torch.randn(*shape, dtype=torch.float64, requires_grad=True) for shape in shapes)
     expected = sum(w[:, :, j, None] * torch.einsum("btd,bsd->bts", q[:, :, j], k).relu() for j in range(3))
-    torch.testing.assert_close(LightningIndexer.score(q, w, k), expected, rtol=0, atol=1e-12)
+    scores = LightningIndexer.score(q, w, k)
+    torch.testing.assert_close(scores, expected, rtol=0, atol=1e-12)
+    upstream = torch.randn_like(scores)
+    grads = torch.autograd.grad(scores, (q, w, k), upstream)
+    for got, want in zip(grads, torch.autograd.grad(expected, (q, w, k), upstream)):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
 
 
 def test_block_scores_of_a_query_block_ignore_its_own_and_later_tokens():

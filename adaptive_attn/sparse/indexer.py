@@ -60,7 +60,8 @@ class LightningIndexer(nn.Module):
     def score(q: torch.Tensor, w: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """q [B, T, H_I, d_I], w [B, T, H_I], k [B, S, d_I] -> I [B, T, S]"""
         B, T, H, d = q.shape
-        dots = torch.bmm(q.reshape(B, T * H, d), k.transpose(1, 2)).view(B, T, H, -1).relu_()
+        # ReLU in place on the product itself: on a view of it, autograd would copy the whole tensor back
+        dots = torch.bmm(q.reshape(B, T * H, d), k.transpose(1, 2)).relu_().view(B, T, H, -1)
         # the weighted sum over heads as a product and a sum: as a batched matmul it is B * T products of
         # [1, H] x [H, S], which run 2-3x slower forward and backward on a CPU
         return (dots * w[..., None]).sum(2)
