@@ -4,6 +4,7 @@ import sys
 import pytest
 import torch
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
 from adaptive_attn.config import ConfigError, group_options, validate
 
@@ -170,3 +171,15 @@ def test_vote_share_study_holds_its_tokens_per_batch_at_every_length(compose_cfg
     cfg = compose_cfg(["experiment=exp3_cpu_votes", f"seq_len={seq_len}"])
     assert cfg.data.batch_size == batch
     validate(cfg)
+
+
+def test_vote_share_from_l512_differs_from_the_l256_protocol_only_in_its_warm_up(compose_cfg):
+    """exp3_cpu_votes_long: exp3_cpu_votes at L=512 with the indexer's dense warm-up over half the run."""
+    short = OmegaConf.to_container(compose_cfg(["experiment=exp3_cpu_votes", "seq_len=512"]), resolve=True)
+    cfg = compose_cfg(["experiment=exp3_cpu_votes_long"])
+    validate(cfg)
+    long = OmegaConf.to_container(cfg, resolve=True)
+    assert long["seq_len"] == 512 and long["module"]["dense_warmup_steps"] == long["trainer"]["max_steps"] // 2
+    assert long["hydra"]["sweep"] == short["hydra"]["sweep"]  # the same results folder and job names
+    short["module"]["dense_warmup_steps"] = long["module"]["dense_warmup_steps"]
+    assert {k: v for k, v in long.items() if k != "hydra"} == {k: v for k, v in short.items() if k != "hydra"}
