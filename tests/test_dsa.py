@@ -58,6 +58,26 @@ def test_indexer_scores_are_eq1_term_by_term():
         torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("chunk_size", [3, 4, 256])
+def test_token_scores_in_causal_chunks_equal_the_whole_masked_score_matrix(chunk_size):
+    """Chunks that score only the keys up to their last query give eq. 1 over all pairs, masked to the
+    past, in value and gradient."""
+    torch.manual_seed(0)
+    indexer = LightningIndexer(16, n_heads=2, head_dim=8, rope_dim=4, chunk_size=chunk_size).double()
+    layout = SparseLayout(10)
+    x = torch.randn(2, 10, 16, dtype=torch.float64, requires_grad=True)
+    q, w, k = indexer.project(x)
+    expected = LightningIndexer.score(q, w, k).masked_fill(~layout.eligible, float("-inf"))
+    scores = indexer(x, layout)
+    assert torch.equal(torch.isinf(scores), torch.isinf(expected))
+    torch.testing.assert_close(scores, expected, rtol=0, atol=1e-12)
+    upstream = torch.randn_like(scores)
+    past = ~torch.isinf(expected)
+    (got,) = torch.autograd.grad(scores, x, upstream * past)
+    (want,) = torch.autograd.grad(expected, x, upstream * past)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+
+
 def test_block_scores_of_a_query_block_ignore_its_own_and_later_tokens():
     indexer = LightningIndexer(16, n_heads=2, head_dim=8, rope_dim=4).double()
     layout = SparseLayout(64, block_size=8, query_block=16)

@@ -9,6 +9,7 @@ block's one row is scored by its first query against the mean-pooled keys of who
 """
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from adaptive_attn.nn.rope import RotaryEmbedding, apply_rope
@@ -25,7 +26,7 @@ def check_rope_dim(rope_dim: int, head_dim: int) -> None:
 
 
 class LightningIndexer(nn.Module):
-    def __init__(self, d_model: int, n_heads: int = 4, head_dim: int = 32, rope_dim: int = 16, chunk_size: int = 256):
+    def __init__(self, d_model: int, n_heads: int = 4, head_dim: int = 32, rope_dim: int = 16, chunk_size: int = 128):
         super().__init__()
         check_rope_dim(rope_dim, head_dim)
         self.n_heads, self.head_dim, self.rope_dim, self.chunk_size = n_heads, head_dim, rope_dim, chunk_size
@@ -72,12 +73,16 @@ class LightningIndexer(nn.Module):
         return scores.masked_fill(~layout.eligible, float("-inf"))
 
     def token_scores(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [B, L, D] -> I [B, L, L], computed in query chunks to bound memory."""
+        """x: [B, L, D] -> I [B, L, L], computed in query chunks to bound memory. A chunk scores only the keys
+        up to its last query (the later ones are future to all its queries), so most of the causal upper
+        triangle is never computed; its columns beyond are -inf."""
         q, w, k = self.project(x)
-        chunks = range(0, x.shape[1], self.chunk_size)
-        return torch.cat(
-            [self.score(q[:, c : c + self.chunk_size], w[:, c : c + self.chunk_size], k) for c in chunks], 1
-        )
+        L, scores, end = x.shape[1], [], 0
+        for q_chunk, w_chunk in zip(q.split(self.chunk_size, 1), w.split(self.chunk_size, 1)):
+            end += q_chunk.shape[1]
+            chunk = self.score(q_chunk, w_chunk, k[:, :end])
+            scores.append(F.pad(chunk, (0, L - end), value=float("-inf")))
+        return torch.cat(scores, 1)
 
     def block_scores(self, x: torch.Tensor, layout: SparseLayout) -> torch.Tensor:
         """Scores of key blocks for each query block -> [B, nQB, nKB].
