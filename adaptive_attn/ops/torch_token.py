@@ -20,6 +20,36 @@ def width_chunks(widths: torch.Tensor, max_chunk: int, row_size: int) -> list[tu
     return chunks
 
 
+class GatheredAttention(torch.autograd.Function):
+    """Attention of each query's heads over its own gathered keys, which are its values too (MLA's latents):
+    q [C, H, D] (scaled), keys [C, n, D], bias [C, 1, n], empty slots [C, n] -> (out [C, H, v_dim], probs
+    [C, H, n], no gradient). The keys' gradient from both their uses comes out of one product
+    ([C, n, 2H] x [C, 2H, D]); autograd would add two rank-H products, one of them transposed, and that
+    sum alone cost more than either product on a CPU."""
+
+    @staticmethod
+    def forward(ctx, q, keys, bias, empty, v_dim: int):
+        probs = torch.baddbmm(bias, q, keys.transpose(1, 2)).masked_fill(empty[:, None], float("-inf")).softmax(-1)
+        # values are the keys' first v_dim columns; slicing the output is cheaper than slicing the keys
+        out = torch.bmm(probs.to(keys.dtype), keys)[..., :v_dim]
+        ctx.save_for_backward(q, keys, probs)
+        ctx.mark_non_differentiable(probs)
+        return out, probs
+
+    @staticmethod
+    def backward(ctx, grad_out, _):
+        q, keys, probs = ctx.saved_tensors
+        dtype = torch.promote_types(torch.promote_types(q.dtype, keys.dtype), grad_out.dtype)  # autocast mixes them
+        q, keys, probs, grad_out = q.to(dtype), keys.to(dtype), probs.to(dtype), grad_out.to(dtype)
+        grad_probs = torch.bmm(grad_out, keys[..., : grad_out.shape[-1]].transpose(1, 2))  # [C, H, n]
+        grad_logits = probs * (grad_probs - (grad_probs * probs).sum(-1, keepdim=True))
+        grad_q = torch.bmm(grad_logits, keys)
+        grad_out = F.pad(grad_out, (0, keys.shape[-1] - grad_out.shape[-1]))
+        grad_keys = torch.bmm(torch.cat([grad_logits, probs], 1).transpose(1, 2), torch.cat([q, grad_out], 1))
+        grad_bias = grad_logits.sum(1, keepdim=True) if ctx.needs_input_grad[2] else None
+        return grad_q, grad_keys, grad_bias, None, None
+
+
 def torch_token_attention(
     q, latents, indices, layout: SparseLayout, *, scale, v_dim, slot_bias=None, biased_rows=None, max_chunk=2**22
 ):
@@ -53,10 +83,8 @@ def torch_token_attention(
     for (c0, c1, n), q_chunk, bias_chunk in zip(spans, q_sorted.split(sizes), bias.split(sizes)):
         idx = entries[c0:c1, :n]
         keys = flat_latents.index_select(0, idx.clamp(min=0).flatten()).view(c1 - c0, n, -1)  # [C, n, D]
-        logits = torch.baddbmm(bias_chunk[..., :n], q_chunk, keys.transpose(1, 2))  # [C, H, n]
-        probs = logits.masked_fill((idx < 0)[:, None], float("-inf")).softmax(-1)
-        slot_probs[order[c0:c1], :n] = probs.detach().mean(1).to(slot_probs.dtype)  # autocast: probs may be bf16
-        # values are the latents' first v_dim columns; slicing the output is cheaper than the rows' gradient
-        chunks.append(torch.einsum("chk,ckv->chv", probs, keys)[..., :v_dim])
+        out, probs = GatheredAttention.apply(q_chunk, keys, bias_chunk[..., :n], idx < 0, v_dim)
+        slot_probs[order[c0:c1], :n] = probs.mean(1).to(slot_probs.dtype)  # autocast: probs may be bf16
+        chunks.append(out)
     out = torch.cat(chunks).index_select(0, torch.argsort(order))  # back to [B*L] order
     return out.view(B, L, H, v_dim).transpose(1, 2), slot_probs[:, :K].view(B, L, K)
