@@ -34,4 +34,8 @@ if [ "$PART" != op ]; then
   python benchmarks/throughput.py --models dense fixed25 fixed50 adaptive adaptive_topp --repeats 11 --calibrate 60 \
       --breakdown --seq-len 256 --batch 8 --overrides data=text \
       --json "$OUT/throughput_cpu_token_L256.json" | tee "$OUT/throughput_cpu_token_L256.txt"
+  # the research model in token mode at L=512, as vote share's sweep runs it (batch 16, keep 0.1)
+  python benchmarks/throughput.py --models dense fixed10 adaptive10 --repeats 9 --calibrate 60 --breakdown \
+      --seq-len 512 --batch 16 --overrides experiment=exp3_cpu_votes \
+      --json "$OUT/throughput_cpu_votes_L512.json" | tee "$OUT/throughput_cpu_votes_L512.txt"
 fi
