@@ -31,7 +31,7 @@ class GatheredAttention(torch.autograd.Function):
     def forward(ctx, q, keys, bias, empty, v_dim: int):
         probs = torch.baddbmm(bias, q, keys.transpose(1, 2)).masked_fill(empty[:, None], float("-inf")).softmax(-1)
         # values are the keys' first v_dim columns; slicing the output is cheaper than slicing the keys
-        out = torch.bmm(probs.to(keys.dtype), keys)[..., :v_dim]
+        out = torch.bmm(probs, keys)[..., :v_dim]
         ctx.save_for_backward(q, keys, probs)
         ctx.mark_non_differentiable(probs)
         return out, probs
