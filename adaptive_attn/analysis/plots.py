@@ -149,7 +149,7 @@ def plot_k(k: pd.DataFrame, path: Path) -> Path:
         ax.plot(means.index, means.values, marker=".", label=f"{model} {task} L={seq_len}", **style)
     if by == "difficulty":
         ax.set_xscale("log", base=2)
-    ax.set_xlabel("difficulty (recall: pairs; counting, votes: alphabet)" if by == "difficulty" else "text domain")
+    ax.set_xlabel("difficulty (pairs, or alphabet size)" if by == "difficulty" else "text domain")
     ax.set_ylabel("mean k")
     ax.set_title(f"k vs {by}")
     ax.legend(fontsize=6)
