@@ -199,6 +199,30 @@ def all_comparisons(runs: pd.DataFrame) -> pd.DataFrame:
     return pd.concat(comparisons) if comparisons else pd.DataFrame()
 
 
+def result_sections(runs: pd.DataFrame) -> list[str]:
+    """summary.md's sections on the finished runs (markdown lines): means with CIs, paired differences,
+    the findings table, where each adaptive run gives its keys, and accuracy and recall by slice."""
+    from adaptive_attn.analysis.findings import findings
+    from adaptive_attn.analysis.policy import policy_tables
+
+    lines = ["## mean ± 95% CI over seeds", "", format_table(aggregate(runs)).to_markdown(), ""]
+    comparisons = all_comparisons(runs)
+    if len(comparisons):
+        title = "## paired differences (same seq_len and seed): equal-compute pairs, then each model against dense"
+        lines += [title, "", comparisons.round(4).to_markdown(index=False), ""]
+    answers = findings(runs)
+    if len(answers):
+        lines += ["## findings (README's table)", "", answers.to_markdown(index=False), ""]
+    for task, table in policy_tables(runs).items():
+        title = f"## where each run gives its keys ({task}): k by difficulty, accuracy minus its fixed pair's"
+        lines += [title, "", table.to_markdown(index=False), ""]
+    for title, prefix in (("accuracy by slice", "val_acc/"), ("needed-key recall by slice", "val_needed_recall/")):
+        table = slice_table(runs, prefix)
+        if not table.empty:
+            lines += [f"## {title} (mean over seeds)", "", table.to_markdown(), ""]
+    return lines
+
+
 def analyse(sweep_dir: str | Path, out_dir: str | Path | None = None, plots: bool = True) -> pd.DataFrame:
     """Write results.csv (per run), summary.md (mean ± CI, paired comparisons) and plots into out_dir."""
     runs = load_runs(sweep_dir)
@@ -216,24 +240,7 @@ def analyse(sweep_dir: str | Path, out_dir: str | Path | None = None, plots: boo
         "",
     ]
     if (runs["status"] == "ok").any():
-        lines += ["## mean ± 95% CI over seeds", "", format_table(aggregate(runs)).to_markdown(), ""]
-        comparisons = all_comparisons(runs)
-        if len(comparisons):
-            lines += [
-                "## paired differences (same seq_len and seed): equal-compute pairs, then each model against dense",
-                "",
-                comparisons.round(4).to_markdown(index=False),
-                "",
-            ]
-        from adaptive_attn.analysis.findings import findings
-
-        answers = findings(runs)
-        if len(answers):
-            lines += ["## findings (README's table)", "", answers.to_markdown(index=False), ""]
-        for title, prefix in (("accuracy by slice", "val_acc/"), ("needed-key recall by slice", "val_needed_recall/")):
-            table = slice_table(runs, prefix)
-            if not table.empty:
-                lines += [f"## {title} (mean over seeds)", "", table.to_markdown(), ""]
+        lines += result_sections(runs)
         if plots:
             from adaptive_attn.analysis.plots import plot_sweep
 
