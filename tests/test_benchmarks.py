@@ -30,7 +30,9 @@ def test_attention_benchmark_records(tmp_path):
         assert {"mode", "L", "columns", "pass", "ms", "dense_ms", "ratio_vs_dense", "device"} <= r.keys()
         assert r["ms"] > 0 and r["attention_ms"] > 0 and r["dense_ms"] > 0
         for part, ratio in (("ms", "ratio_vs_dense"), ("attention_ms", "attention_ratio_vs_dense")):
-            assert abs(r[ratio] - r[part] / r["dense_ms"]) < 0.01 * r[ratio] + 1e-3
+            # times and ratios are rounded to 0.001, which moves the quotient of two small times a lot
+            rounding = r[ratio] * 0.0005 * (1 / r[part] + 1 / (r["dense_ms"] - 0.0005)) + 0.0005
+            assert abs(r[ratio] - r[part] / r["dense_ms"]) <= rounding + 1e-9
         # keep 0.25 of 64 tokens and k = 16 are the same budget: 16 tokens, or the diagonal block alone
         assert r["columns"] == (16 if r["mode"] == "token" else 0)
         if r["mode"] == "token":  # each query attends min(k, t + 1) tokens
