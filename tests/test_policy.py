@@ -22,8 +22,11 @@ def votes_k(difficulties, ks):
     return [{"task": "votes", "difficulty": d, "k": k} for d, k in zip(difficulties, ks)]
 
 
+def slices(alphabet2, alphabet32):
+    return {"val_acc/votes/alphabet2": alphabet2, "val_acc/votes/alphabet32": alphabet32}
+
+
 def test_each_adaptive_run_is_read_against_the_fixed_run_of_its_data_length_and_seed(tmp_path):
-    slices = lambda a2, a32: {"val_acc/votes/alphabet2": a2, "val_acc/votes/alphabet32": a32}  # noqa: E731
     runs = pd.DataFrame(
         [
             run(
