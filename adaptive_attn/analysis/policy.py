@@ -2,21 +2,17 @@
 and seed. A mean over seeds hides a policy that some seeds learn and others do not: Spearman's rho of
 -0.9 in two seeds and +0.8 in a third averages to about -0.3, which describes none of them."""
 
-from pathlib import Path
-
 import pandas as pd
 
-from adaptive_attn.analysis.results import equal_compute_pairs
+from adaptive_attn.analysis.results import RUN_KEYS, equal_compute_pairs, load_k_vs_difficulty
 from adaptive_attn.data.synthetic import TASKS
 from adaptive_attn.lit.metrics import slice_name
 
 
 def fixed_pairs(runs: pd.DataFrame) -> dict[str, str]:
-    """model -> the fixed budget whose keep is its target (the first of its equal-compute pairs)."""
-    pairs: dict[str, str] = {}
-    for model, baseline in equal_compute_pairs(runs):
-        pairs.setdefault(model, baseline)
-    return pairs
+    """model -> the fixed budget whose keep is its target (its equal-compute pair that has a keep)."""
+    fixed = set(runs.dropna(subset=["keep"])["model"]) if "keep" in runs else set()
+    return {model: baseline for model, baseline in equal_compute_pairs(runs) if baseline in fixed}
 
 
 def policy_tables(runs: pd.DataFrame) -> dict[str, pd.DataFrame]:
@@ -27,15 +23,18 @@ def policy_tables(runs: pd.DataFrame) -> dict[str, pd.DataFrame]:
     difficulties' slices (NaN where the pair did not run)."""
     ok = runs[runs["status"] == "ok"]
     fixed_of = fixed_pairs(ok)
-    same = [c for c in ("data", "seq_len", "seed") if c in ok]
-    rows: dict[str, list[dict]] = {}
-    for _, run in ok.iterrows():
-        path = Path(run["run_dir"]) / "k_vs_difficulty.csv"
-        frame = pd.read_csv(path) if run["model"] in fixed_of and path.exists() else pd.DataFrame()
-        if "difficulty" not in frame:  # not adaptive, or text (k by domain)
-            continue
-        pair = ok[(ok["model"] == fixed_of[run["model"]]) & (ok[same] == run[same]).all(axis=1)]
-        for task, seqs in frame.dropna(subset=["difficulty"]).groupby("task"):
+    k = load_k_vs_difficulty(ok[ok["model"].isin(fixed_of)])
+    if "difficulty" not in k:  # no adaptive runs, or text only (k by domain)
+        return {}
+    keys = [c for c in RUN_KEYS if c in ok]
+    by_run = ok.set_index(keys)
+    tables = {}
+    for task, task_k in k.dropna(subset=["difficulty"]).groupby("task"):
+        rows = []
+        for key, seqs in task_k.groupby(keys):
+            run = dict(zip(keys, key))
+            pair_key = tuple(fixed_of[run["model"]] if c == "model" else v for c, v in run.items())
+            pair = by_run.loc[pair_key] if pair_key in by_run.index else pd.Series(dtype=float)
             k_by_difficulty = seqs.groupby("difficulty")["k"].mean()
             ends = {
                 d: slice_name(TASKS.index(task), int(d))
@@ -46,7 +45,7 @@ def policy_tables(runs: pd.DataFrame) -> dict[str, pd.DataFrame]:
             row["rho"] = float("nan") if constant else seqs["difficulty"].corr(seqs["k"], method="spearman")
             row.update({f"k {name}": k_by_difficulty[d] for d, name in ends.items()})
             for metric in ["val_acc", *(f"val_acc/{name}" for name in ends.values())]:
-                theirs = pair[metric].iloc[0] if len(pair) and metric in pair else float("nan")
-                row[f"{metric} - fixed"] = run.get(metric, float("nan")) - theirs
-            rows.setdefault(task, []).append(row)
-    return {task: pd.DataFrame(r).sort_values(["model", "L", "seed"]).round(3) for task, r in sorted(rows.items())}
+                row[f"{metric} - fixed"] = by_run.loc[key].get(metric, float("nan")) - pair.get(metric, float("nan"))
+            rows.append(row)
+        tables[task] = pd.DataFrame(rows).sort_values(["model", "L", "seed"]).round(3)
+    return tables

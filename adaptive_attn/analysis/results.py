@@ -159,14 +159,19 @@ def coverage(runs: pd.DataFrame) -> pd.DataFrame:
     return table.fillna("").rename_axis(columns=None).reset_index()
 
 
+RUN_KEYS = ("data", "model", "seq_len", "seed")  # what names a run in a sweep (data where recorded)
+
+
 def load_k_vs_difficulty(runs: pd.DataFrame) -> pd.DataFrame:
-    """Per-sequence k and MQAR difficulty of every run that recorded them (k_vs_difficulty.csv)."""
+    """Per-sequence k and difficulty (synthetic tasks) or text domain of every run that recorded them
+    (k_vs_difficulty.csv), each row tagged with its run's `RUN_KEYS`."""
+    keys = [c for c in RUN_KEYS if c in runs]
     frames = []
     for _, run in runs.iterrows():
         path = Path(run["run_dir"]) / "k_vs_difficulty.csv"
         if path.exists():
             frame = pd.read_csv(path)
-            frame["model"], frame["seq_len"], frame["seed"] = run["model"], run["seq_len"], run["seed"]
+            frame[keys] = run[keys].tolist()
             frames.append(frame)
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
