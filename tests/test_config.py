@@ -183,3 +183,21 @@ def test_vote_share_from_l512_differs_from_the_l256_protocol_only_in_its_warm_up
     assert long["hydra"]["sweep"] == short["hydra"]["sweep"]  # the same results folder and job names
     short["module"]["dense_warmup_steps"] = long["module"]["dense_warmup_steps"]
     assert {k: v for k, v in long.items() if k != "hydra"} == {k: v for k, v in short.items() if k != "hydra"}
+
+
+
+def test_vote_share_at_l1024_doubles_the_run_and_its_warm_up(compose_cfg):
+    """exp3_cpu_votes_1024: exp3_cpu_votes_long at L=1024 in twice the steps, half of them dense warm-up."""
+    base = OmegaConf.to_container(compose_cfg(["experiment=exp3_cpu_votes_long", "seq_len=1024"]), resolve=True)
+    cfg = compose_cfg(["experiment=exp3_cpu_votes_1024"])
+    validate(cfg)
+    long = OmegaConf.to_container(cfg, resolve=True)
+    assert long["seq_len"] == 1024 and long["data"]["batch_size"] == 8
+    assert long["trainer"]["max_steps"] == long["data"]["train_steps"] == 2 * base["trainer"]["max_steps"]
+    assert long["module"]["dense_warmup_steps"] == long["trainer"]["max_steps"] // 2
+    assert long["trainer"]["val_check_interval"] == long["trainer"]["max_steps"] // 20
+    assert long["hydra"]["sweep"] == base["hydra"]["sweep"]
+    for group, key in [("trainer", "max_steps"), ("trainer", "val_check_interval"), ("data", "train_steps")]:
+        base[group][key] = long[group][key]
+    base["module"]["dense_warmup_steps"] = long["module"]["dense_warmup_steps"]
+    assert {k: v for k, v in long.items() if k != "hydra"} == {k: v for k, v in base.items() if k != "hydra"}
