@@ -81,3 +81,14 @@ def test_attention_benchmark_records_a_failing_configuration_and_goes_on(tmp_pat
     fwd, fwdbwd = json.loads(out.read_text())
     assert fwd["pass"] == "fwd" and fwd["ms"] > 0 and "error" not in fwd
     assert fwdbwd["pass"] == "fwdbwd" and "backward" in fwdbwd["error"] and "ms" not in fwdbwd
+
+
+def test_turns_alternate_their_order_and_keep_each_callables_results(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    from timing import take_turns
+
+    calls = []
+    fns = [lambda name=name: calls.append(name) or f"{name}{len(calls)}" for name in "abc"]
+    results = take_turns(fns, repeats=3, warmup=1)
+    assert "".join(calls) == "abc" "cba" "abc" "cba"
+    assert results == [["a6", "a7", "a12"], ["b5", "b8", "b11"], ["c4", "c9", "c10"]]
