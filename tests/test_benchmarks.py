@@ -90,5 +90,5 @@ def test_turns_alternate_their_order_and_keep_each_callables_results(monkeypatch
     calls = []
     fns = [lambda name=name: calls.append(name) or f"{name}{len(calls)}" for name in "abc"]
     results = take_turns(fns, repeats=3, warmup=1)
-    assert "".join(calls) == "abc" "cba" "abc" "cba"
+    assert "".join(calls) == "abccbaabccba"
     assert results == [["a6", "a7", "a12"], ["b5", "b8", "b11"], ["c4", "c9", "c10"]]

@@ -185,7 +185,6 @@ def test_vote_share_from_l512_differs_from_the_l256_protocol_only_in_its_warm_up
     assert {k: v for k, v in long.items() if k != "hydra"} == {k: v for k, v in short.items() if k != "hydra"}
 
 
-
 def test_vote_share_at_l1024_doubles_the_run_and_its_warm_up(compose_cfg):
     """exp3_cpu_votes_1024: exp3_cpu_votes_long at L=1024 in twice the steps, half of them dense warm-up."""
     base = OmegaConf.to_container(compose_cfg(["experiment=exp3_cpu_votes_long", "seq_len=1024"]), resolve=True)
