@@ -6,6 +6,7 @@ import pandas as pd
 import pytest
 
 from adaptive_attn.analysis.findings import README_END, README_START, findings, write_into_readme
+from adaptive_attn.analysis.results import equal_compute_pairs
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "results" / "exp3_cpu" / "results.csv"
@@ -113,3 +114,15 @@ def test_slices_and_k_rows_are_read_from_each_synthetic_tasks_own_columns(data):
     assert table[("the budget binds: alphabet 2", f"val_acc/{data}/alphabet2")] == "-0.300 ± 0.000 (n=2)"
     assert table[("k adapts to difficulty", f"k_difficulty_spearman_{data}")] == "-0.500 (n=1)"
     assert (data == "counting") == (("the budget binds: alphabet 4", "val_acc/counting/alphabet4") in table)
+
+
+def test_each_shuffled_control_is_paired_with_the_adaptive_budget_it_shuffles():
+    keeps = {"fixed10": 0.1, "fixed25": 0.25}
+    targets = {"adaptive": 0.25, "adaptive10": 0.1, "adaptive10_lr30": 0.1, "shuffled10": 0.1, "shuffled10_lr30": 0.1}
+    targets["shuffled"] = 0.25
+    rows = [dict(status="ok", model=m, keep=k) for m, k in keeps.items()]
+    rows += [dict(status="ok", model=m, target=t) for m, t in targets.items()]
+    pairs = equal_compute_pairs(pd.DataFrame(rows))
+    shuffled = {model: baseline for model, baseline in pairs if baseline.startswith("adaptive")}
+    assert shuffled == {"shuffled": "adaptive", "shuffled10": "adaptive10", "shuffled10_lr30": "adaptive10_lr30"}
+    assert ("shuffled10_lr30", "fixed10") in pairs and ("adaptive10_lr30", "fixed10") in pairs

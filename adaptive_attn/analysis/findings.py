@@ -24,6 +24,7 @@ QUESTIONS = [
     ("a policy that learns faster", "adaptive10_lr30", "adaptive10", "quality", "diff"),
     ("which sequence gets the budget", "adaptive10", "shuffled10", "quality", "diff"),
     ("which sequence gets the budget", "adaptive", "shuffled", "quality", "diff"),
+    ("which sequence gets the budget", "adaptive10_lr30", "shuffled10_lr30", "quality", "diff"),
     ("upper bound of adapting", "oracle10", "fixed10", "quality", "diff"),
     ("upper bound of adapting", "oracle", "fixed25", "quality", "diff"),
     ("where adapting moves keys: alphabet 2", "adaptive10", "fixed10", "val_acc/{data}/alphabet2", "diff"),
@@ -54,6 +55,7 @@ ADAPTIVE_ARMS = (
     "oracle10",
     "oracle",
     "shuffled10",
+    "shuffled10_lr30",
     "shuffled",
 )
 

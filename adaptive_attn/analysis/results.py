@@ -121,7 +121,8 @@ def load_curves(runs: pd.DataFrame) -> pd.DataFrame:
 def equal_compute_pairs(runs: pd.DataFrame) -> list[tuple[str, str]]:
     """(model, baseline) pairs that spend the same compute: every budget with a target keep against the
     fixed budget of that keep (adaptive vs fixed25, adaptive10 vs fixed10, oracle vs fixed25, ...), and the
-    shuffled control against the adaptive budget it shuffles."""
+    shuffled control against the adaptive budget it shuffles (its name's "shuffled" read as "adaptive":
+    shuffled10_lr30 against adaptive10_lr30)."""
     ok = runs[runs["status"] == "ok"]
     fixed = (
         {round(k, 4): m for m, k in ok.dropna(subset=["keep"]).groupby("model")["keep"].first().items()}
@@ -130,8 +131,8 @@ def equal_compute_pairs(runs: pd.DataFrame) -> list[tuple[str, str]]:
     )
     targets = ok.dropna(subset=["target"]).groupby("model")["target"].first() if "target" in ok else pd.Series()
     pairs = [(m, fixed[round(t, 4)]) for m, t in targets.items() if round(t, 4) in fixed]
-    adaptive = {round(t, 4): m for m, t in targets.items() if m in ("adaptive", "adaptive10")}  # no variants
-    pairs += [(m, adaptive[round(t, 4)]) for m, t in targets.items() if m == "shuffled" and round(t, 4) in adaptive]
+    shuffles = {m: m.replace("shuffled", "adaptive", 1) for m in targets.index if m.startswith("shuffled")}
+    pairs += [(m, adaptive) for m, adaptive in shuffles.items() if adaptive in targets]
     return pairs
 
 
