@@ -14,7 +14,9 @@ import pytest
 from nbclient import NotebookClient
 
 from adaptive_attn.analysis import aggregate, analyse, load_runs, paired_comparison
+from adaptive_attn.analysis.plots import model_color
 from adaptive_attn.analysis.results import coverage
+from adaptive_attn.config import group_options
 from adaptive_attn.runner import run
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -120,6 +122,11 @@ def test_coverage_lists_the_finished_seeds_of_each_model_and_length():
     assert table.loc[("counting", "fixed10"), 64] == "2 (1 not ok)"
     assert table.loc[("counting", "fixed10"), 128] == ""  # never ran
     assert table.loc[("text", "dense"), 512] == "0" and table.loc[("counting", "dense"), 512] == ""
+
+
+def test_every_model_config_has_a_colour_of_its_own():
+    models = group_options("model")
+    assert len({model_color(m) for m in models}) == len(models)
 
 
 class CrashAt(L.Callback):

@@ -21,9 +21,9 @@ def save(fig, path: Path, title: str | None = None) -> Path:
 def model_color(model: str) -> str:
     """One colour per model name, the same in every panel and plot."""
     palette = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:olive"]
-    palette += ["tab:cyan", "tab:gray", "black", "gold", "darkgreen"]
+    palette += ["tab:cyan", "tab:gray", "black", "gold", "darkgreen", "navy", "maroon"]
     known = ["dense", "fixed10", "fixed25", "fixed50", "fixed75", "adaptive10", "adaptive", "adaptive_topp"]
-    known += ["oracle10", "oracle", "shuffled10", "shuffled", "adaptive10_lr30", "shuffled10_lr30"]
+    known += ["oracle10", "oracle", "shuffled10", "shuffled", "adaptive10_lr30", "shuffled10_lr30", "fixed_k"]
     return palette[known.index(model)] if model in known else palette[sum(map(ord, model)) % len(palette)]
 
 
