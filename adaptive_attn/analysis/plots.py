@@ -18,13 +18,33 @@ def save(fig, path: Path, title: str | None = None) -> Path:
     return path
 
 
+# one colour per model config: a name and its colour side by side, so a new config cannot run past the palette
+MODEL_COLOURS = {
+    "dense": "tab:blue",
+    "fixed10": "tab:orange",
+    "fixed25": "tab:green",
+    "fixed50": "tab:red",
+    "fixed75": "tab:purple",
+    "adaptive10": "tab:brown",
+    "adaptive": "tab:pink",
+    "adaptive_topp": "tab:olive",
+    "oracle10": "tab:cyan",
+    "oracle": "tab:gray",
+    "shuffled10": "black",
+    "shuffled": "gold",
+    "adaptive10_lr30": "darkgreen",
+    "shuffled10_lr30": "navy",
+    "fixed_k": "maroon",
+}
+
+
 def model_color(model: str) -> str:
-    """One colour per model name, the same in every panel and plot."""
-    palette = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:olive"]
-    palette += ["tab:cyan", "tab:gray", "black", "gold", "darkgreen", "navy", "maroon"]
-    known = ["dense", "fixed10", "fixed25", "fixed50", "fixed75", "adaptive10", "adaptive", "adaptive_topp"]
-    known += ["oracle10", "oracle", "shuffled10", "shuffled", "adaptive10_lr30", "shuffled10_lr30", "fixed_k"]
-    return palette[known.index(model)] if model in known else palette[sum(map(ord, model)) % len(palette)]
+    """One colour per model name, the same in every panel and plot (a name not listed: one of the listed
+    colours, picked by the name)."""
+    if model in MODEL_COLOURS:
+        return MODEL_COLOURS[model]
+    colours = list(MODEL_COLOURS.values())
+    return colours[sum(map(ord, model)) % len(colours)]
 
 
 def plot_sweep(runs: pd.DataFrame, out_dir: str | Path) -> list[Path]:
