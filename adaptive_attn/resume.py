@@ -1,8 +1,9 @@
 """Resuming a run in its own directory: which checkpoint, and whether it is the same run.
 
 Every run records what defines it (`run_config.yaml`: model, data, seq_len, seed, optimiser) in its
-directory. A resume (`ckpt_path=last` or a checkpoint file) must agree with that record; `last` must find
-`checkpoints/last.ckpt` there. Both are checked before anything is written.
+directory. A resume (`ckpt_path=last`, `auto` or a checkpoint file) must agree with that record; `last` must
+find `checkpoints/last.ckpt` there, `auto` resumes it where there is one and starts afresh where not. Both
+are checked before anything is written.
 """
 
 from pathlib import Path
@@ -16,11 +17,14 @@ RECORD = "run_config.yaml"
 
 
 def checkpoint_to_resume(cfg: DictConfig, out_dir: Path) -> str | None:
-    """ckpt_path: null (a fresh run), `last` (this run directory's last checkpoint) or a checkpoint file ->
-    the file to resume from; ConfigError when there is none."""
+    """ckpt_path: null (a fresh run), `last` (this run directory's last checkpoint), `auto` (that checkpoint
+    if there is one, else a fresh run) or a checkpoint file -> the file to resume from; ConfigError when
+    `last` or the file is not there."""
     if cfg.ckpt_path is None:
         return None
-    path = out_dir / "checkpoints" / "last.ckpt" if cfg.ckpt_path == "last" else Path(cfg.ckpt_path)
+    path = out_dir / "checkpoints" / "last.ckpt" if cfg.ckpt_path in ("last", "auto") else Path(cfg.ckpt_path)
+    if cfg.ckpt_path == "auto" and not path.is_file():
+        return None
     if not path.is_file():
         where = f"no checkpoints/last.ckpt in {out_dir}" if cfg.ckpt_path == "last" else f"no file {path}"
         hint = "resume in the run's directory: hydra.run.dir=<run dir>"
@@ -65,7 +69,7 @@ def differences(cfg: DictConfig, out_dir: Path) -> str | None:
 
 def check_same_run(cfg: DictConfig, out_dir: Path) -> None:
     """A resume continues the run recorded in out_dir: ConfigError listing every key that differs."""
-    differ = differences(cfg, out_dir) if cfg.ckpt_path is not None else None
+    differ = differences(cfg, out_dir) if checkpoint_to_resume(cfg, out_dir) is not None else None
     if differ:
         raise ConfigError(f"ckpt_path={cfg.ckpt_path}: this config differs from the run in {out_dir}: {differ}")
 

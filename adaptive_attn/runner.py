@@ -56,19 +56,36 @@ def fit_and_test(cfg: DictConfig, datamodule, module, trainer: L.Trainer, checkp
     trainer.callback_metrics.update({k: v for k, v in fit_metrics.items() if k.startswith("val")})
 
 
+def read_summary(out_dir: Path) -> dict:
+    """The summary.json a run left in out_dir ({} when there is none, or it cannot be read)."""
+    try:
+        return json.loads((out_dir / "summary.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
 def ok_summary(out_dir: Path) -> dict | None:
     """The summary of a run that finished in out_dir (status ok), if there is one."""
-    try:
-        summary = json.loads((out_dir / "summary.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
+    summary = read_summary(out_dir)
     return summary if summary.get("status") == "ok" else None
 
 
+def resumed_summary(out_dir: Path) -> dict:
+    """What a resumed run keeps from the summary its earlier process left (a process killed outright
+    leaves none): when the run started, its untrained val loss, and in `resumed_from` one entry per
+    earlier process (status, steps, code version, and wall seconds so far, which this run's wall_s
+    continues)."""
+    earlier = read_summary(out_dir)
+    carried = {key: earlier[key] for key in ("started_at", "untrained_val_loss") if key in earlier}
+    before = {key: earlier.get(key) for key in ("status", "steps", "code_version", "wall_s")}
+    return {**carried, "resumed_from": [*earlier.get("resumed_from", []), before]}
+
+
 def finished_summary(cfg: DictConfig, out_dir: Path) -> dict | None:
-    """A sweep job whose directory already holds this run's summary, status ok: its summary (the job is
-    skipped, so a sweep re-run finishes only what is missing)."""
-    if HydraConfig.get().mode != RunMode.MULTIRUN or cfg.ckpt_path is not None:
+    """A sweep job (or any run with `ckpt_path=auto`) whose directory already holds this run's summary,
+    status ok: its summary (the job is skipped, so a re-run finishes only what is missing)."""
+    skips = cfg.ckpt_path == "auto" or (HydraConfig.get().mode == RunMode.MULTIRUN and cfg.ckpt_path is None)
+    if not skips:
         return None
     summary = ok_summary(out_dir)
     if summary is None:
@@ -98,6 +115,9 @@ def run(cfg: DictConfig) -> dict:
     if done is not None:
         print(f"skipped: {out_dir} already finished (status ok)", file=sys.stderr)
         return done
+    if checkpoint is not None:
+        extra.update(resumed_summary(out_dir))
+        start -= extra["resumed_from"][-1]["wall_s"] or 0.0
     out_dir.mkdir(parents=True, exist_ok=True)
     record_run(cfg, out_dir)
     try:

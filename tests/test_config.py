@@ -185,13 +185,18 @@ def test_vote_share_from_l512_differs_from_the_l256_protocol_only_in_its_warm_up
     assert {k: v for k, v in long.items() if k != "hydra"} == {k: v for k, v in short.items() if k != "hydra"}
 
 
-def test_vote_share_at_l1024_doubles_the_run_and_its_warm_up(compose_cfg):
-    """exp3_cpu_votes_1024: exp3_cpu_votes_long at L=1024 in twice the steps, half of them dense warm-up."""
-    base = OmegaConf.to_container(compose_cfg(["experiment=exp3_cpu_votes_long", "seq_len=1024"]), resolve=True)
-    cfg = compose_cfg(["experiment=exp3_cpu_votes_1024"])
+@pytest.mark.parametrize(
+    "experiment,shorter,seq_len,batch",
+    [("exp3_cpu_votes_1024", "exp3_cpu_votes_long", 1024, 8), ("exp3_cpu_votes_2048", "exp3_cpu_votes_1024", 2048, 4)],
+)
+def test_vote_share_at_longer_lengths_doubles_the_run_and_its_warm_up(compose_cfg, experiment, shorter, seq_len, batch):
+    """exp3_cpu_votes_1024 and _2048: the protocol of the length below at twice the length, in twice the
+    steps, half of them dense warm-up."""
+    base = OmegaConf.to_container(compose_cfg([f"experiment={shorter}", f"seq_len={seq_len}"]), resolve=True)
+    cfg = compose_cfg([f"experiment={experiment}"])
     validate(cfg)
     long = OmegaConf.to_container(cfg, resolve=True)
-    assert long["seq_len"] == 1024 and long["data"]["batch_size"] == 8
+    assert long["seq_len"] == seq_len and long["data"]["batch_size"] == batch
     assert long["trainer"]["max_steps"] == long["data"]["train_steps"] == 2 * base["trainer"]["max_steps"]
     assert long["module"]["dense_warmup_steps"] == long["trainer"]["max_steps"] // 2
     assert long["trainer"]["val_check_interval"] == long["trainer"]["max_steps"] // 20

@@ -62,6 +62,30 @@ def test_a_signal_saves_a_checkpoint_and_the_resumed_run_ends_as_an_uninterrupte
     assert metric_steps(tmp_path / "run") == metric_steps(tmp_path / "full")  # the history before the stop too
 
 
+def test_ckpt_path_auto_finishes_an_interrupted_sweep_from_its_checkpoints_and_then_skips_it(tmp_path):
+    sweep = ["-m", *LONGER, "eval_untrained=true", "seq_len=64,32", f"hydra.sweep.dir={tmp_path}"]
+    stopped = train_cli(*sweep, stop_at=13)
+    assert stopped.returncode == 143, stopped.stderr[-2000:]
+    (first,) = [p.parent for p in tmp_path.glob("*/summary.json")]  # the signal stopped the sweep in its first job
+    interrupted = json.loads((first / "summary.json").read_text())
+    assert interrupted["status"] == "interrupted" and "untrained_val_loss" in interrupted
+    resumed = train_cli(*sweep, "ckpt_path=auto")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    runs = {p.parent: json.loads(p.read_text()) for p in tmp_path.glob("*/summary.json")}
+    assert sorted(r["seq_len"] for r in runs.values()) == [32, 64]
+    assert all(r["status"] == "ok" and r["steps"] == 40 for r in runs.values())
+    done = runs[first]
+    assert done["resumed_from"] == [{k: interrupted[k] for k in ("status", "steps", "code_version", "wall_s")}]
+    assert done["wall_s"] > interrupted["wall_s"] and done["started_at"] == interrupted["started_at"]
+    assert done["untrained_val_loss"] == interrupted["untrained_val_loss"]
+    assert metric_steps(first) == list(range(40))  # the steps before the signal and after it, once each
+    (fresh,) = [r for d, r in runs.items() if d != first]
+    assert "resumed_from" not in fresh  # no checkpoint there: a fresh run
+    again = train_cli(*sweep, "ckpt_path=auto")
+    assert again.returncode == 0 and again.stderr.count("already finished") == 2, again.stderr[-2000:]
+    assert {p.parent: json.loads(p.read_text()) for p in tmp_path.glob("*/summary.json")} == runs
+
+
 def test_a_resume_with_another_config_is_refused_and_leaves_the_finished_run_as_it_was(tmp_path):
     first = train_cli("experiment=quick", f"hydra.run.dir={tmp_path}")
     assert first.returncode == 0, first.stderr[-2000:]
