@@ -23,9 +23,9 @@ def checkpoint_to_resume(cfg: DictConfig, out_dir: Path) -> str | None:
     if cfg.ckpt_path is None:
         return None
     path = out_dir / "checkpoints" / "last.ckpt" if cfg.ckpt_path in ("last", "auto") else Path(cfg.ckpt_path)
-    if cfg.ckpt_path == "auto" and not path.is_file():
-        return None
     if not path.is_file():
+        if cfg.ckpt_path == "auto":
+            return None
         where = f"no checkpoints/last.ckpt in {out_dir}" if cfg.ckpt_path == "last" else f"no file {path}"
         hint = "resume in the run's directory: hydra.run.dir=<run dir>"
         raise ConfigError(f"ckpt_path={cfg.ckpt_path}: {where} ({hint})")
@@ -67,9 +67,10 @@ def differences(cfg: DictConfig, out_dir: Path) -> str | None:
     )
 
 
-def check_same_run(cfg: DictConfig, out_dir: Path) -> None:
-    """A resume continues the run recorded in out_dir: ConfigError listing every key that differs."""
-    differ = differences(cfg, out_dir) if checkpoint_to_resume(cfg, out_dir) is not None else None
+def check_same_run(cfg: DictConfig, out_dir: Path, checkpoint: str | None) -> None:
+    """A resume (`checkpoint`, from checkpoint_to_resume) continues the run recorded in out_dir: ConfigError
+    listing every key that differs."""
+    differ = differences(cfg, out_dir) if checkpoint is not None else None
     if differ:
         raise ConfigError(f"ckpt_path={cfg.ckpt_path}: this config differs from the run in {out_dir}: {differ}")
 

@@ -103,7 +103,7 @@ def run(cfg: DictConfig) -> dict:
     try:
         validate(cfg)
         checkpoint = checkpoint_to_resume(cfg, out_dir)
-        check_same_run(cfg, out_dir)
+        check_same_run(cfg, out_dir, checkpoint)
         done = finished_summary(cfg, out_dir)
     except ConfigError as err:
         if HydraConfig.get().mode != RunMode.MULTIRUN:

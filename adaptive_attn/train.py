@@ -63,8 +63,7 @@ def precheck(argv: list[str]) -> None:
     HydraConfig.instance().set_config(cfg)
     out_dir = Path(cfg.hydra.run.dir)
     validate(cfg)
-    checkpoint_to_resume(cfg, out_dir)
-    check_same_run(cfg, out_dir)
+    check_same_run(cfg, out_dir, checkpoint_to_resume(cfg, out_dir))
     GlobalHydra.instance().clear()
 
 
