@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 
 from adaptive_attn.runner import run
 
@@ -77,3 +78,33 @@ def test_experiment_configs_run_at_tiny_size(compose_cfg, experiment):
         task = cfg.data.task
         assert set(k_vs["task"]) == {task} and f"k_difficulty_spearman_{task}" in summary
         assert any(k.startswith(f"acc/{task}/alphabet") for k in summary["val_slices"])
+
+
+BLOCKS = ["data=text", "seq_len=256", "model.sparse.block_size=8", "model.sparse.query_block=16"]
+
+
+@pytest.mark.parametrize(
+    "arm, data",
+    [
+        ("adaptive10_lr30", ["data=votes"]),
+        ("oracle10", ["data=votes"]),
+        ("shuffled10", ["data=votes"]),
+        ("adaptive10", BLOCKS),
+    ],
+)
+def test_sparse_arms_of_a_seed_share_their_dense_warm_up_bit_for_bit(compose_cfg, arm, data):
+    """A paired difference (same seed) measures the sparse stage alone: through the dense warm-up every
+    sparse arm trains the weights fixed10 trains, bit for bit (its own parameters, e.g. a controller, aside),
+    in token mode (vote share) and block mode (text)."""
+    common = ["experiment=quick", *data, "logger=none", "module.dense_warmup_steps=4", "trainer.max_steps=4"]
+    weights = {}
+    for model in ("fixed10", arm):
+        cfg = compose_cfg([*common, f"model={model}"], run_dir=model)
+        assert run(cfg)["status"] == "ok"
+        checkpoint = torch.load(Path(cfg.output_dir) / "checkpoints" / "last.ckpt", weights_only=False)
+        weights[model] = checkpoint["state_dict"]
+    shared = weights["fixed10"].keys() & weights[arm].keys()
+    assert any("indexer" in key for key in shared)  # the indexer trains in the warm-up, so it is compared too
+    assert shared == weights["fixed10"].keys()
+    for key in shared:
+        assert torch.equal(weights["fixed10"][key], weights[arm][key]), key
