@@ -1,7 +1,9 @@
 """Model-level benchmark: training-step time of each model variant, timed in one process, in turns.
 
 Prints step time, tokens/s and the ratio to the first model (the baseline, `dense` by default), and
-adaptive / fixed25 when both are present (equal compute: the adaptive target is 0.25). With
+adaptive / fixed25 (adaptive10 / fixed10) when both are present (equal compute: the adaptive target is
+0.25, 0.1). A ratio is the median of the per-round ratios (the models take turns, round by round), with
+a distribution-free 95% interval for that median. With
 `--breakdown`, each model's step split into its components (forward + backward; profiled steps, so
 slower than the timed ones), and for every sparse model Amdahl's bound: the ratio to dense it would
 reach if everything but attention cost what it costs in the dense step, given its sparse attention op
@@ -22,7 +24,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
-from timing import median, take_turns
+from timing import median, median_interval, paired_ratios, take_turns
 from tqdm.auto import tqdm
 
 from adaptive_attn.config import CONF_DIR, validate
@@ -95,6 +97,15 @@ def median_breakdowns(steps, rounds: int) -> list[dict[str, float]]:
     return [{n: median([r.get(n, 0.0) for r in model_runs]) for n in names} for model_runs in runs]
 
 
+SAME_COMPUTE = {"adaptive": "fixed25", "adaptive10": "fixed10"}  # an adaptive budget and the fixed one of its target
+
+
+def paired_ratio(values: list[float], baseline: list[float]) -> tuple[float, list[float]]:
+    """Step times round by round -> the median of their per-round ratios, and its 95% interval."""
+    ratios = paired_ratios(values, baseline)
+    return round(median(ratios), 3), [round(r, 3) for r in median_interval(ratios)]
+
+
 def amdahl(records: list[dict]) -> None:
     """Amdahl's bound of every sparse model against dense, from their breakdowns (in place)."""
     dense = next((r for r in records if r["model"] == "dense"), None)
@@ -109,21 +120,25 @@ def amdahl(records: list[dict]) -> None:
     dense["attention_share"] = round(attention, 3)
 
 
+def interval_text(interval: list[float]) -> str:
+    return f"[{interval[0]:.3f}, {interval[1]:.3f}]"
+
+
 def print_tables(records: list[dict], args) -> None:
-    base = records[0]["step_ms"]
     print(f"\nseq_len={args.seq_len} batch={args.batch} cpu threads={torch.get_num_threads()} {args.overrides}")
     print(
         f"{'model':14} {'step ms':>9} {'tokens/s':>9} {'eq. keep':>9} {'pairs':>7} {'vs ' + records[0]['model']:>10}"
-        f" {'bound':>7} {'floor':>7}"
+        f" {'95% interval':>14} {'bound':>7} {'floor':>7}"
     )
     for r in records:
-        r["ratio_vs_baseline"] = round(r["step_ms"] / base, 3)
         cols = f"{r['step_ms']:>9.1f} {r['tokens_per_s']:>9.0f} {r['equivalent_keep']:>9.3f} {r['pairs_share']:>7.3f}"
-        cols += f" {r['ratio_vs_baseline']:>10.3f} {r.get('amdahl_bound', float('nan')):>7.3f}"
-        print(f"{r['model']:14} {cols} {r.get('amdahl_floor', float('nan')):>7.3f}")
-    by_name = {r["model"]: r for r in records}
-    if "adaptive" in by_name and "fixed25" in by_name:
-        print(f"adaptive / fixed25 step time: {by_name['adaptive']['step_ms'] / by_name['fixed25']['step_ms']:.3f}")
+        cols += f" {r['ratio_vs_baseline']:>10.3f} {interval_text(r['ratio_interval']):>14}"
+        cols += f" {r.get('amdahl_bound', float('nan')):>7.3f} {r.get('amdahl_floor', float('nan')):>7.3f}"
+        print(f"{r['model']:14} {cols}")
+    for r in (r for r in records if "vs_fixed" in r):
+        vs = r["vs_fixed"]
+        print(f"{r['model']} / {vs['model']} step time: {vs['ratio']:.3f} {interval_text(vs['interval'])}")
+    print("95% interval: of the median of the per-round ratios (distribution-free; the whole range under 6 rounds)")
     if "breakdown_ms" not in records[0]:
         return
     names = ["total", *[n for n in (*COMPONENTS, "rest") if any(r["breakdown_ms"][n] for r in records)]]
@@ -133,8 +148,9 @@ def print_tables(records: list[dict], args) -> None:
         ms = r["breakdown_ms"]
         cells = [f"{ms['total']:>10.0f}ms"] + [f"{ms[n] / ms['total']:>6.1%} {ms[n]:>4.0f}" for n in names[1:]]
         print(f"{r['model']:14} " + " ".join(f"{c:>12}" for c in cells))
-    if "attention_share" in by_name.get("dense", {}):
-        print(f"dense attention's share of a dense step: {by_name['dense']['attention_share']:.3f}")
+    dense = next((r for r in records if r["model"] == "dense"), {})
+    if "attention_share" in dense:
+        print(f"dense attention's share of a dense step: {dense['attention_share']:.3f}")
 
 
 def main() -> None:
@@ -163,9 +179,11 @@ def main() -> None:
         tokens = torch.randint(0, cfg.data.vocab_size, (args.batch, args.seq_len + 1))
         steps.append(training_step(model, {"tokens": tokens}, args.calibrate))
     timed = take_turns(steps, args.repeats, args.warmup, desc="rounds")  # [(ms, keep, share)] per model
+    rounds = {name: [ms for ms, _, _ in t] for name, t in zip(args.models, timed)}  # step ms, round by round
+    baseline = rounds[args.models[0]]
     records = []
     for name, t, used in zip(args.models, timed, applied):
-        ms = median([ms for ms, _, _ in t])
+        ms = median(rounds[name])
         records.append(
             {
                 "model": name,
@@ -179,8 +197,14 @@ def main() -> None:
                 "device": "cpu",
                 "threads": torch.get_num_threads(),
                 "overrides": used,
+                "round_ms": [round(ms, 2) for ms in rounds[name]],
             }
         )
+        records[-1]["ratio_vs_baseline"], records[-1]["ratio_interval"] = paired_ratio(rounds[name], baseline)
+        fixed = SAME_COMPUTE.get(name)
+        if fixed in rounds:
+            ratio, interval = paired_ratio(rounds[name], rounds[fixed])
+            records[-1]["vs_fixed"] = {"model": fixed, "ratio": ratio, "interval": interval}
     if args.breakdown:
         for record, ms in zip(records, median_breakdowns(steps, args.breakdown_rounds)):
             record["breakdown_ms"] = {k: round(v, 2) for k, v in ms.items()}

@@ -1,6 +1,7 @@
 """Timing shared by the benchmarks: the callables under comparison take turns, round by round, so that
 drifts of the machine's speed (large on small shared CPUs) reach all of them alike."""
 
+import math
 import time
 
 import torch
@@ -40,3 +41,23 @@ def wall_ms(fn, device: torch.device):
 
 def median(values: list[float]) -> float:
     return sorted(values)[len(values) // 2]
+
+
+def median_interval(values: list[float], confidence: float = 0.95) -> tuple[float, float]:
+    """A distribution-free interval for the median that values were drawn from: the order statistics
+    (x_(j), x_(n+1-j)) of the largest j whose coverage, 1 - 2 P(Binomial(n, 1/2) < j), is at least
+    `confidence` (for 9 values x_(2) and x_(8), 96%); the whole range when no j reaches it (under 6 values)."""
+    x, n = sorted(values), len(values)
+    below = 0.0  # P(Binomial(n, 1/2) < j)
+    j = 0
+    while j + 1 <= n - j and 1 - 2 * (below + math.comb(n, j) / 2**n) >= confidence:
+        below += math.comb(n, j) / 2**n
+        j += 1
+    j = max(j, 1)
+    return x[j - 1], x[n - j]
+
+
+def paired_ratios(values: list[float], baseline: list[float]) -> list[float]:
+    """Round by round (take_turns' rounds), each value over the baseline's in the same round: a drift of the
+    machine's speed between rounds reaches both."""
+    return [v / b for v, b in zip(values, baseline, strict=True)]

@@ -1,9 +1,13 @@
 """The benchmark scripts run end to end at tiny sizes and write the records their README tables come from."""
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+import torch
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 TINY = ["--batch", "1", "--heads", "2", "--head-dim", "8", "--d-model", "32", "--indexer-heads", "2"]
@@ -47,14 +51,16 @@ def test_throughput_benchmark_records(tmp_path):
     out = tmp_path / "throughput.json"
     run_script(
         "throughput.py",
-        *("--models", "dense", "fixed25", "--seq-len", "128", "--batch", "2", "--repeats", "1", "--warmup", "0"),
+        *("--models", "dense", "fixed25", "adaptive", "--seq-len", "128", "--batch", "2", "--repeats", "2"),
+        "--warmup",
+        "0",
         *("--calibrate", "1", "--breakdown", "--breakdown-rounds", "1", "--json", str(out)),
         *("--overrides", "experiment=quick", "model.sparse.block_size=8", "fixed25:model.sparse.query_block=16"),
     )
     records = json.loads(out.read_text())
 
-    assert [r["model"] for r in records] == ["dense", "fixed25"]
-    dense, fixed = records
+    assert [r["model"] for r in records] == ["dense", "fixed25", "adaptive"]
+    dense, fixed, adaptive = records
     # dense has no model.sparse: the block override applied to fixed25 only, with its own query block
     assert "model.sparse.block_size=8" in fixed["overrides"] and fixed["pairs_share"] < 1 == dense["pairs_share"]
     for r, attention in ((dense, "dense_attention"), (fixed, "sparse_attention")):
@@ -65,7 +71,18 @@ def test_throughput_benchmark_records(tmp_path):
     assert fixed["breakdown_ms"]["indexer"] > 0 and dense["breakdown_ms"]["indexer"] == 0
     assert 0 < dense["attention_share"] < 1 and fixed["amdahl_floor"] <= fixed["amdahl_bound"] + 1
     assert dense["equivalent_keep"] == 1.0 and abs(fixed["equivalent_keep"] - 0.25) < 1e-6
-    assert dense["ratio_vs_baseline"] == 1.0
+    assert dense["ratio_vs_baseline"] == 1.0 and dense["ratio_interval"] == [1.0, 1.0]
+    # ratios pair the models round by round: the median of the per-round ratios (the upper of two), and with
+    # two rounds their whole range as the 95% interval
+    vs_fixed = adaptive["vs_fixed"]
+    for ratio, interval, r, base in (
+        (fixed["ratio_vs_baseline"], fixed["ratio_interval"], fixed, dense),
+        (vs_fixed["ratio"], vs_fixed["interval"], adaptive, fixed),
+    ):
+        low, high = sorted(a / b for a, b in zip(r["round_ms"], base["round_ms"], strict=True))  # of rounded ms
+        assert ratio == interval[1] and ratio == pytest.approx(high, abs=2e-3)
+        assert interval[0] == pytest.approx(low, abs=2e-3) and interval[0] <= interval[1]
+    assert vs_fixed["model"] == "fixed25" and "vs_fixed" not in fixed
     tokens_per_s = 2 * 128 / fixed["step_ms"] * 1000
     assert fixed["step_ms"] > 0 and abs(fixed["tokens_per_s"] - tokens_per_s) < 0.01 * tokens_per_s
 
@@ -92,3 +109,17 @@ def test_turns_alternate_their_order_and_keep_each_callables_results(monkeypatch
     results = take_turns(fns, repeats=3, warmup=1)
     assert "".join(calls) == "abccbaabccba"
     assert results == [["a6", "a7", "a12"], ["b5", "b8", "b11"], ["c4", "c9", "c10"]]
+
+
+def test_median_interval_covers_the_median_as_often_as_it_claims(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    from timing import median_interval
+
+    assert median_interval([3.0, 1.0, 2.0]) == (1.0, 3.0)  # under 6 values: the whole range
+    assert median_interval([float(v) for v in range(9, 0, -1)]) == (2.0, 8.0)  # x_(2), x_(8): 96.1%
+    generator = torch.Generator().manual_seed(0)
+    true_median = math.log(2)  # of the exponential distribution, skewed as step times are
+    for n, coverage in ((9, 1 - 2 * 10 / 2**9), (15, 1 - 2 * 576 / 2**15)):  # P(Binomial(n, 1/2) < j)
+        draws = torch.empty(4000, n).exponential_(generator=generator).tolist()
+        covered = [low <= true_median <= high for low, high in map(median_interval, draws)]
+        assert abs(sum(covered) / len(covered) - coverage) < 0.015, n
