@@ -113,6 +113,11 @@ def _rule(check, *args) -> None:
         raise ConfigError(str(err)) from None
 
 
+def is_dense(cfg: DictConfig) -> bool:
+    """Whether the configured model is dense (no sparse stage, so no sparse settings and no warm-up)."""
+    return cfg.model._target_.endswith("DenseMoELLM")
+
+
 def validate(cfg: DictConfig) -> None:
     """Check every value a run depends on; raises ConfigError with one line."""
     seq_len = _int_in(cfg, "seq_len", 2, MAX_SEQ_LEN)
@@ -122,7 +127,7 @@ def validate(cfg: DictConfig) -> None:
         _rule(check_keep, cfg.model.keep, cfg.model.get("k"))
     if cfg.model.get("budget") is not None:
         _validate_budget(cfg)
-    if cfg.model.get("sparse") is not None and not cfg.model._target_.endswith("DenseMoELLM"):
+    if cfg.model.get("sparse") is not None and not is_dense(cfg):
         _validate_sparse(cfg)  # a dense model ignores a sweep's sparse settings
     _validate_data(cfg, seq_len)
     _validate_training(cfg)

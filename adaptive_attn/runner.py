@@ -18,6 +18,7 @@ from adaptive_attn.config import ConfigError, fail, validate
 from adaptive_attn.lit.interrupt import GracefulInterrupt, RunInterrupted
 from adaptive_attn.resume import check_same_run, checkpoint_to_resume, differences, record_run
 from adaptive_attn.summary import build_summary, write_json, write_k_vs_difficulty
+from adaptive_attn.warm_start import branch, copy_logged_rows, warm_start_source
 
 
 def finish_wandb() -> None:
@@ -105,6 +106,7 @@ def run(cfg: DictConfig) -> dict:
         checkpoint = checkpoint_to_resume(cfg, out_dir)
         check_same_run(cfg, out_dir, checkpoint)
         done = finished_summary(cfg, out_dir)
+        warm = warm_start_source(cfg, out_dir) if checkpoint is None and done is None else None
     except ConfigError as err:
         if HydraConfig.get().mode != RunMode.MULTIRUN:
             fail(str(err))  # a single run stops here, before any work
@@ -121,7 +123,11 @@ def run(cfg: DictConfig) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     record_run(cfg, out_dir)
     try:
+        if warm is not None:
+            copy_logged_rows(warm, out_dir)
         datamodule, module, trainer = build(cfg, out_dir)
+        if warm is not None:  # its own checkpoint from then on, so a resume continues this run
+            checkpoint, extra["warm_started_from"] = branch(warm, module, out_dir)
         fit_and_test(cfg, datamodule, module, trainer, checkpoint, extra)
         summary = build_summary(cfg, trainer, "ok", time.perf_counter() - start, extra)
     except Exception as err:

@@ -118,9 +118,11 @@ class SparseLMModule(L.LightningModule):
     def on_test_epoch_end(self) -> None:
         self._eval_epoch_end("test")
 
-    def configure_optimizers(self):
-        # an adaptive budget's controller may train at its own rate (`lr_scale`): it learns in the sparse
-        # stage alone, where Adam moves each of its few parameters by about lr per step at most
+    def optimizer_groups(self) -> list[dict]:
+        """AdamW's parameter groups, each parameter with its name (so that a checkpoint's optimizer state can
+        be matched to another model's parameters: `warm_start`): decayed matrices, the rest, and one group
+        per own rate. An adaptive budget's controller may train at its own rate (`lr_scale`): it learns in
+        the sparse stage alone, where Adam moves each of its few parameters by about lr per step at most."""
         own_rate = {
             id(p): m.lr_scale
             for m in self.model.modules()
@@ -128,16 +130,19 @@ class SparseLMModule(L.LightningModule):
             for p in m.parameters()
         }
         decay, no_decay, scaled = [], [], defaultdict(list)
-        for p in self.model.parameters():
+        for name, p in self.model.named_parameters(prefix="model"):
             if id(p) in own_rate:
-                scaled[own_rate[id(p)]].append(p)
+                scaled[own_rate[id(p)]].append((name, p))
             else:
-                (decay if p.dim() >= 2 else no_decay).append(p)
+                (decay if p.dim() >= 2 else no_decay).append((name, p))
         groups = [
             {"params": decay, "weight_decay": self.hparams.weight_decay},
             {"params": no_decay, "weight_decay": 0.0},
         ]
-        groups += [{"params": ps, "weight_decay": 0.0, "lr": self.hparams.lr * scale} for scale, ps in scaled.items()]
+        return groups + [{"params": ps, "weight_decay": 0.0, "lr": self.hparams.lr * k} for k, ps in scaled.items()]
+
+    def configure_optimizers(self):
+        groups = self.optimizer_groups()
         optimizer = torch.optim.AdamW(groups, lr=self.hparams.lr, betas=tuple(self.hparams.betas))
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup, floor = self.hparams.lr_warmup_steps, self.hparams.min_lr_ratio
