@@ -18,6 +18,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import Checkpoint
 from omegaconf import DictConfig, OmegaConf
 
 from adaptive_attn.config import ConfigError, is_dense
@@ -27,16 +28,25 @@ FILE = "warmup_end.ckpt"
 BUDGET_KEYS = ("model._target_", "model.keep", "model.budget")  # what may differ between warm-up siblings
 
 
-class WarmupEndCheckpoint(L.Callback):
-    """Saves `dirpath/warmup_end.ckpt` at the step a sparse model's dense warm-up ends."""
+class WarmupEndCheckpoint(Checkpoint):
+    """Saves `dirpath/warmup_end.ckpt` at the step a sparse model's dense warm-up ends, and again after a
+    validation at that step, so that an arm started there has that point of the curve. (A `Checkpoint`
+    runs after the other callbacks, whose state is then up to date.)"""
 
     def __init__(self, dirpath: str):
         self.path = Path(dirpath) / FILE
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args) -> None:
+    def _save_at_warmup_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         steps = pl_module.hparams.dense_warmup_steps
         if trainer.global_step == steps > 0 and any(True for _ in pl_module.model.sparse_layers()):
             trainer.save_checkpoint(self.path)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args) -> None:
+        self._save_at_warmup_end(trainer, pl_module)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking and trainer.state.fn == "fit":
+            self._save_at_warmup_end(trainer, pl_module)
 
 
 def sibling_dir(out_dir: Path, model: str, cfg: DictConfig) -> Path:

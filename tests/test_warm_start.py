@@ -16,7 +16,7 @@ COMMON = [
     "data=votes",
     "module.dense_warmup_steps=3",
     "trainer.max_steps=6",
-    "trainer.val_check_interval=2",
+    "trainer.val_check_interval=3",  # a validation where the warm-up ends, which the arm must keep
 ]
 
 
@@ -47,6 +47,10 @@ def test_an_arm_warm_started_from_a_siblings_warm_up_trains_bit_for_bit_as_from_
     for key in ours:
         assert torch.equal(ours[key], theirs[key]), key
     assert warm["val_loss"] == scratch["val_loss"]
+    assert [(p["step"], p["loss"], p["acc"]) for p in warm["val_curve"]] == [
+        (p["step"], p["loss"], p["acc"]) for p in scratch["val_curve"]
+    ]
+    assert [p["step"] for p in warm["val_curve"]] == [3, 6]
     # the log holds the sibling's warm-up rows, then this run's own: the same losses as from scratch
     pd.testing.assert_series_equal(train_losses(tmp_path / f"{arm}_L64_s0"), train_losses(tmp_path / "scratch"))
 
