@@ -97,3 +97,11 @@ def test_a_sweep_of_a_sibling_and_its_arms_warm_starts_the_arms_alone(tmp_path):
     started = summaries["1_adaptive10_L64_s0"]["warm_started_from"]
     assert started["steps"] == 3 and "0_fixed10_L64_s0" in started["checkpoint"]
     assert "warm_started_from" not in summaries["0_fixed10_L64_s0"] | summaries["2_dense_L64_s0"]
+
+
+@pytest.mark.parametrize("experiment", ["exp3", "exp3_cpu_synthetic", "exp3_cpu_text", "exp3_cpu_votes_2048", "quick"])
+def test_the_study_experiments_save_the_warm_up_end(compose_cfg, experiment):
+    """Their sparse arms can then start from a sibling's warm-up, whichever callbacks they use."""
+    cfg = compose_cfg([f"experiment={experiment}", "model=fixed10"])
+    targets = [c._target_ for c in cfg.callbacks.values()]
+    assert "adaptive_attn.warm_start.WarmupEndCheckpoint" in targets, targets
