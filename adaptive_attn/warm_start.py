@@ -18,7 +18,6 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Checkpoint
 from omegaconf import DictConfig, OmegaConf
 
 from adaptive_attn.config import ConfigError, is_dense
@@ -28,10 +27,11 @@ FILE = "warmup_end.ckpt"
 BUDGET_KEYS = ("model._target_", "model.keep", "model.budget")  # what may differ between warm-up siblings
 
 
-class WarmupEndCheckpoint(Checkpoint):
+class WarmupEndCheckpoint(L.Callback):
     """Saves `dirpath/warmup_end.ckpt` at the step a sparse model's dense warm-up ends, and again after a
-    validation at that step, so that an arm started there has that point of the curve. (A `Checkpoint`
-    runs after the other callbacks, whose state is then up to date.)"""
+    validation at that step, so that an arm started there has that point of the curve: listed after the
+    convergence tracker, it saves that tracker's state with the point. (Not a Lightning `Checkpoint`, which
+    runs last but is refused where `trainer.enable_checkpointing` is false, as in the exp3_cpu experiments.)"""
 
     def __init__(self, dirpath: str):
         self.path = Path(dirpath) / FILE

@@ -66,6 +66,7 @@ def test_experiment_configs_run_at_tiny_size(compose_cfg, experiment):
     summary = run(cfg)
     assert summary["status"] == "ok" and summary["steps"] == 4 and len(summary["val_curve"]) == 2
     assert summary["equivalent_keep"] < 1  # the sparse stage ran
+    assert (Path(cfg.output_dir) / "checkpoints" / "warmup_end.ckpt").is_file()  # where other arms can start
     # the adaptive budget's k against what each test sequence is: its alphabet, or its text domain
     k_vs = pd.read_csv(Path(cfg.output_dir) / "k_vs_difficulty.csv")
     if experiment in ("exp3_text", "exp3_cpu_text"):
