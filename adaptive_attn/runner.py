@@ -73,11 +73,11 @@ def ok_summary(out_dir: Path) -> dict | None:
 
 def resumed_summary(out_dir: Path) -> dict:
     """What a resumed run keeps from the summary its earlier process left (a process killed outright
-    leaves none): when the run started, its untrained val loss, and in `resumed_from` one entry per
-    earlier process (status, steps, code version, and wall seconds so far, which this run's wall_s
-    continues)."""
+    leaves none): when the run started, its untrained val loss, the warm-up it started from, and in
+    `resumed_from` one entry per earlier process (status, steps, code version, and wall seconds so far,
+    which this run's wall_s continues)."""
     earlier = read_summary(out_dir)
-    carried = {key: earlier[key] for key in ("started_at", "untrained_val_loss") if key in earlier}
+    carried = {k: earlier[k] for k in ("started_at", "untrained_val_loss", "warm_started_from") if k in earlier}
     before = {key: earlier.get(key) for key in ("status", "steps", "code_version", "wall_s")}
     return {**carried, "resumed_from": [*earlier.get("resumed_from", []), before]}
 

@@ -108,3 +108,12 @@ def test_the_study_experiments_save_the_warm_up_end(compose_cfg, experiment):
     assert "WarmupEndCheckpoint" in targets, targets
     # after the convergence tracker, whose state it saves with the validation at the warm-up's last step
     assert targets.index("WarmupEndCheckpoint") > targets.index("ConvergenceTracker"), targets
+
+
+def test_a_resumed_warm_started_run_still_records_where_it_started(tmp_path):
+    from adaptive_attn.runner import resumed_summary
+
+    started = {"checkpoint": "fixed10_L64_s0/checkpoints/warmup_end.ckpt", "steps": 3, "own_parameters": ["a"]}
+    earlier = {"status": "interrupted", "steps": 5, "wall_s": 2.0, "warm_started_from": started}
+    (tmp_path / "summary.json").write_text(json.dumps(earlier))
+    assert resumed_summary(tmp_path)["warm_started_from"] == started
