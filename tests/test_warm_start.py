@@ -20,12 +20,12 @@ COMMON = [
 ]
 
 
-def final_weights(summary_dir: Path) -> dict:
-    return torch.load(summary_dir / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+def final_weights(run_dir: Path) -> dict:
+    return torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
 
 
-def train_losses(summary_dir: Path) -> pd.Series:
-    metrics = pd.read_csv(summary_dir / "csv" / "metrics.csv")
+def train_losses(run_dir: Path) -> pd.Series:
+    metrics = pd.read_csv(run_dir / "csv" / "metrics.csv")
     return metrics.dropna(subset=["train/loss"]).set_index("step")["train/loss"]
 
 
