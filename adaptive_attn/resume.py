@@ -47,13 +47,16 @@ def identity(cfg: DictConfig) -> dict:
     return flat
 
 
-def differences(cfg: DictConfig, out_dir: Path) -> str | None:
-    """How cfg differs from the run recorded in out_dir (None when it does not, or nothing is recorded)."""
+def differences(cfg: DictConfig, out_dir: Path, may_differ: tuple[str, ...] = ()) -> str | None:
+    """How cfg differs from the run recorded in out_dir, keys starting with one of `may_differ` aside (None
+    when it does not, or nothing is recorded)."""
     record = out_dir / RECORD
     if not record.is_file():
         return None
     before, now = identity(OmegaConf.load(record)), identity(cfg)
-    differ = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
+    differ = sorted(
+        k for k in before.keys() | now.keys() if before.get(k) != now.get(k) and not k.startswith(may_differ)
+    )
     if not differ:
         return None
     groups: dict[str, list[str]] = {}  # by their first two components: model.sparse.* in one entry

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from adaptive_attn.config import ConfigError, is_dense
-from adaptive_attn.resume import RECORD, identity
+from adaptive_attn.resume import RECORD, differences
 
 FILE = "warmup_end.ckpt"
 BUDGET_KEYS = ("model._target_", "model.keep", "model.budget")  # what may differ between warm-up siblings
@@ -72,13 +72,9 @@ def warm_start_source(cfg: DictConfig, out_dir: Path) -> tuple[Path, dict] | Non
     record = path.parent.parent / RECORD
     if not record.is_file():
         raise ConfigError(f"warm_start={name}: no {RECORD} in {path.parent.parent} to check that it is a sibling")
-    before, now = identity(OmegaConf.load(record)), identity(cfg)
-    differ = sorted(
-        k for k in before.keys() | now.keys() if before.get(k) != now.get(k) and not k.startswith(BUDGET_KEYS)
-    )
+    differ = differences(cfg, path.parent.parent, may_differ=BUDGET_KEYS)
     if differ:
-        listed = ", ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in differ)
-        raise ConfigError(f"warm_start={name}: {path.parent.parent} is another run, not only another budget: {listed}")
+        raise ConfigError(f"warm_start={name}: {path.parent.parent} is another run, not only another budget: {differ}")
     saved = torch.load(path, map_location="cpu", weights_only=False)
     if any("param_names" not in group for group in saved["optimizer_states"][0]["param_groups"]):
         raise ConfigError(

@@ -148,9 +148,9 @@ def print_tables(records: list[dict], args) -> None:
         ms = r["breakdown_ms"]
         cells = [f"{ms['total']:>10.0f}ms"] + [f"{ms[n] / ms['total']:>6.1%} {ms[n]:>4.0f}" for n in names[1:]]
         print(f"{r['model']:14} " + " ".join(f"{c:>12}" for c in cells))
-    dense = next((r for r in records if r["model"] == "dense"), {})
-    if "attention_share" in dense:
-        print(f"dense attention's share of a dense step: {dense['attention_share']:.3f}")
+    by_name = {r["model"]: r for r in records}
+    if "attention_share" in by_name.get("dense", {}):
+        print(f"dense attention's share of a dense step: {by_name['dense']['attention_share']:.3f}")
 
 
 def main() -> None:
