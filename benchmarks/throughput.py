@@ -56,19 +56,20 @@ def build_model(name: str, overrides: list[str]):
     return instantiate(cfg.model), cfg, used
 
 
-def training_step(model, batch, calibrate: int):
-    """-> a function running one forward + backward + AdamW step, every DSA layer in its sparse stage.
+def training_step(model, batch, calibrate: int, sparse_stage: bool = True):
+    """-> a function running one forward + backward + AdamW step, every DSA layer in its sparse stage (or
+    in the dense warm-up, where the indexer trains on full causal rows).
 
     First `calibrate` forward passes let adaptive budgets reach their target (their dual ascent runs
     after each step), so the timing compares equal compute. The optimizer runs with lr 0: the step does
     all its arithmetic, but the weights (and with them MoE routing and the adaptive budgets) stay where
     calibration left them instead of drifting on the one repeated batch.
     """
-    model.set_sparse_stage(True)
+    model.set_sparse_stage(sparse_stage)
     opt = torch.optim.AdamW(model.parameters(), lr=0.0)
     inputs, targets = split_batch(batch)
     with torch.no_grad():
-        for _ in range(calibrate if any(True for _ in model.sparse_layers()) else 0):
+        for _ in range(calibrate if sparse_stage and any(True for _ in model.sparse_layers()) else 0):
             _, aux = model(inputs)
             model.after_training_step(aux["sparsity"])
 
@@ -125,7 +126,8 @@ def interval_text(interval: list[float]) -> str:
 
 
 def print_tables(records: list[dict], args) -> None:
-    print(f"\nseq_len={args.seq_len} batch={args.batch} cpu threads={torch.get_num_threads()} {args.overrides}")
+    threads = torch.get_num_threads()
+    print(f"\nseq_len={args.seq_len} batch={args.batch} stage={args.stage} threads={threads} {args.overrides}")
     print(
         f"{'model':14} {'step ms':>9} {'tokens/s':>9} {'eq. keep':>9} {'pairs':>7} {'vs ' + records[0]['model']:>10}"
         f" {'95% interval':>14} {'bound':>7} {'floor':>7}"
@@ -163,6 +165,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--calibrate", type=int, default=100, help="forward passes for adaptive budgets to reach target")
     p.add_argument("--overrides", nargs="*", default=[], help="Hydra overrides: key=value, or model:key=value")
+    p.add_argument("--stage", choices=["sparse", "warmup"], default="sparse", help="the sparse models' training stage")
     p.add_argument("--breakdown", action="store_true", help="also profile each model's step by component")
     p.add_argument("--breakdown-rounds", type=int, default=3)
     p.add_argument("--json", help="write the records to this path")
@@ -177,7 +180,7 @@ def main() -> None:
         model, cfg, used = build_model(name, [f"seq_len={args.seq_len}", *args.overrides])
         applied.append(used)
         tokens = torch.randint(0, cfg.data.vocab_size, (args.batch, args.seq_len + 1))
-        steps.append(training_step(model, {"tokens": tokens}, args.calibrate))
+        steps.append(training_step(model, {"tokens": tokens}, args.calibrate, args.stage == "sparse"))
     timed = take_turns(steps, args.repeats, args.warmup, desc="rounds")  # [(ms, keep, share)] per model
     rounds = {name: [ms for ms, _, _ in t] for name, t in zip(args.models, timed)}  # step ms, round by round
     baseline = rounds[args.models[0]]
@@ -194,6 +197,7 @@ def main() -> None:
                 # adaptive budgets move around their target while they train
                 "equivalent_keep": round(sum(k for _, k, _ in t) / len(t), 4),
                 "pairs_share": round(sum(s for _, _, s in t) / len(t), 4),
+                "stage": args.stage,
                 "device": "cpu",
                 "threads": torch.get_num_threads(),
                 "overrides": used,
@@ -208,7 +212,8 @@ def main() -> None:
     if args.breakdown:
         for record, ms in zip(records, median_breakdowns(steps, args.breakdown_rounds)):
             record["breakdown_ms"] = {k: round(v, 2) for k, v in ms.items()}
-        amdahl(records)
+        if args.stage == "sparse":  # in the warm-up, attention is dense in every model
+            amdahl(records)
     print_tables(records, args)
     if args.json:
         with open(args.json, "w") as f:

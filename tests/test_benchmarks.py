@@ -87,6 +87,27 @@ def test_throughput_benchmark_records(tmp_path):
     assert fixed["step_ms"] > 0 and abs(fixed["tokens_per_s"] - tokens_per_s) < 0.01 * tokens_per_s
 
 
+def test_throughput_benchmark_times_the_warm_up_stage(tmp_path):
+    """`--stage warmup`: sparse models attend densely and train the indexer on whole rows; no Amdahl bound."""
+    out = tmp_path / "throughput.json"
+    run_script(
+        "throughput.py",
+        *("--models", "dense", "fixed25", "--seq-len", "64", "--batch", "2", "--repeats", "1", "--warmup", "0"),
+        *("--stage", "warmup", "--breakdown", "--breakdown-rounds", "1", "--json", str(out)),
+        *("--overrides", "experiment=quick"),
+    )
+    dense, fixed = json.loads(out.read_text())
+    assert fixed["stage"] == "warmup" and fixed["pairs_share"] == 1.0 and fixed["equivalent_keep"] == 1.0
+    ms = fixed["breakdown_ms"]
+    assert (
+        ms["dense_attention"] > 0
+        and ms["indexer"] > 0
+        and ms["indexer_kl"] > 0
+        and ms["sparse_attention"] < ms["dense_attention"]
+    )
+    assert "amdahl_bound" not in fixed and "attention_share" not in dense
+
+
 def test_attention_benchmark_records_a_failing_configuration_and_goes_on(tmp_path):
     """FlexAttention has no backward on the CPU: its fwd+bwd rows record the error, the fwd rows their times."""
     out = tmp_path / "attention.json"

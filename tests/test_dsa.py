@@ -203,3 +203,41 @@ def test_block_kl_from_a_draw_of_query_blocks_is_unbiased(op_rows):
     standard_error = float(draws.std()) / len(draws) ** 0.5
     assert draws.std() > 0.05 * full and standard_error < 0.02 * full
     assert abs(float(draws.mean()) - full) < 3 * standard_error
+
+
+@pytest.mark.parametrize("mode", ["token", "block"])
+def test_warmup_kl_matches_a_dense_computation(mode):
+    """The warm-up KL, from the indexer's scores in chunks (token mode) or whole (block mode), equals the
+    definition over full causal rows (every eligible column), in value and in its gradient to the scores."""
+    torch.manual_seed(0)
+    B, H, L, D, block, qblock = 2, 3, 45, 8, 4, 8
+    layout = SparseLayout(L, 1) if mode == "token" else SparseLayout(L, block, qblock)
+    q, latents = torch.randn(B, H, L, D, dtype=torch.float64), torch.randn(B, L, D, dtype=torch.float64)
+    scores = torch.randn(B, layout.n_rows, layout.n_columns, dtype=torch.float64, requires_grad=True)
+    if mode == "token":  # chunks of 16 queries, each over the keys before its last
+        chunks = [scores[:, c0 : c0 + 16, : min(c0 + 16, L)] for c0 in range(0, L, 16)]
+        got = losses.kl_dense_tokens(q, latents, chunks, scale=0.4)
+    else:
+        got = losses.kl_dense_blocks(q, latents, scores.masked_fill(~layout.eligible, float("-inf")), layout, scale=0.4)
+
+    pos = torch.arange(L)
+    logits = torch.einsum("bhld,bsd->bhls", q, latents) * 0.4
+    probs = logits.masked_fill(pos[None, :] > pos[:, None], float("-inf")).softmax(-1).mean(1)  # [B, L, L]
+    terms = []
+    for b in range(B):
+        for r in range(layout.n_rows):
+            if mode == "token":
+                p, s = probs[b, r, : r + 1], scores[b, r, : r + 1]
+            else:
+                n = int(layout.n_eligible[r])
+                if n == 0:
+                    continue
+                rows = probs[b, r * qblock : min(L, (r + 1) * qblock)]
+                p = torch.stack([rows[:, c * block : (c + 1) * block].sum() for c in range(n)])
+                p, s = p / p.sum(), scores[b, r, :n]
+            terms.append((p * (p.log() - s.log_softmax(-1))).sum())
+    want = torch.stack(terms).mean()
+    assert abs(float(got.detach()) - float(want.detach())) < 1e-12
+    (grad_got,) = torch.autograd.grad(got, scores)
+    (grad_want,) = torch.autograd.grad(want, scores)
+    torch.testing.assert_close(grad_got, grad_want, rtol=0, atol=1e-12)

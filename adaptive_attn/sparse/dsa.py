@@ -111,14 +111,10 @@ class DeepSeekSparseAttention(nn.Module):
         warm-up, aux: "indexer_kl" (the indexer's loss) and "stats" (this call's detached statistics))"""
         x = x.detach()
         layout = self.layout(x.shape[1], x.device)
+        if not bool(self.sparse_active):
+            return None, self.warmup(x, q.detach(), latents.detach(), layout, scale)
         with component("indexer"):
             scores = self.indexer(x, layout)
-        if not bool(self.sparse_active):
-            with component("indexer_kl"):
-                kl = losses.kl_dense(q.detach(), latents.detach(), scores, layout, scale=scale)
-            dense = torch.ones((), dtype=torch.float64)
-            stats = {"indexer_kl": kl.detach(), "pairs_share": dense, "equivalent_keep": dense}
-            return None, {"indexer_kl": kl, "stats": stats}
         with component("budget"):
             # the oracle control selects by the true dense attention; every other budget by the indexer
             oracle = hasattr(self.budget, "attention_scores")
@@ -153,6 +149,19 @@ class DeepSeekSparseAttention(nn.Module):
             with component("recall"):
                 stats.update(self.recall(q, latents, indices, torch.rand_like(scores), k_hard, layout, scale))
         return out, {"indexer_kl": kl, "stats": stats}
+
+    def warmup(self, x, q, latents, layout: SparseLayout, scale: float) -> dict:
+        """The dense warm-up stage: the indexer trains on whole causal rows, attention stays dense -> aux.
+        In token mode its scores stay in chunks of queries (never a [B, L, L] tensor)."""
+        with component("indexer"):
+            scores = self.indexer.token_score_chunks(x) if layout.token_level else self.indexer(x, layout)
+        with component("indexer_kl"):
+            if layout.token_level:
+                kl = losses.kl_dense_tokens(q, latents, scores, scale=scale)
+            else:
+                kl = losses.kl_dense_blocks(q, latents, scores, layout, scale=scale)
+        dense = torch.ones((), dtype=torch.float64)
+        return {"indexer_kl": kl, "stats": {"indexer_kl": kl.detach(), "pairs_share": dense, "equivalent_keep": dense}}
 
     @torch.no_grad()
     def recall(self, q, latents, indices, random_scores, k_hard, layout: SparseLayout, scale: float) -> dict:

@@ -73,16 +73,21 @@ class LightningIndexer(nn.Module):
         return scores.masked_fill(~layout.eligible, float("-inf"))
 
     def token_scores(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [B, L, D] -> I [B, L, L], computed in query chunks to bound memory. A chunk scores only the keys
-        up to its last query (the later ones are future to all its queries), so most of the causal upper
-        triangle is never computed; its columns beyond are -inf."""
+        """x: [B, L, D] -> I [B, L, L]: the chunks of `token_score_chunks`, their future columns -inf."""
+        L, chunks = x.shape[1], self.token_score_chunks(x)
+        return torch.cat([F.pad(chunk, (0, L - chunk.shape[-1]), value=float("-inf")) for chunk in chunks], 1)
+
+    def token_score_chunks(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """x: [B, L, D] -> I in chunks of `chunk_size` queries, to bound memory: chunk [c0, c1) is [B, c1 - c0, c1].
+        A chunk scores only the keys up to its last query (the later ones are future to all its queries), so
+        most of the causal upper triangle is never computed; inside the chunk, a query's later keys are
+        scored but not masked."""
         q, w, k = self.project(x)
-        L, scores, end = x.shape[1], [], 0
+        chunks, end = [], 0
         for q_chunk, w_chunk in zip(q.split(self.chunk_size, 1), w.split(self.chunk_size, 1)):
             end += q_chunk.shape[1]
-            chunk = self.score(q_chunk, w_chunk, k[:, :end])
-            scores.append(F.pad(chunk, (0, L - end), value=float("-inf")))
-        return torch.cat(scores, 1)
+            chunks.append(self.score(q_chunk, w_chunk, k[:, :end]))
+        return chunks
 
     def block_scores(self, x: torch.Tensor, layout: SparseLayout) -> torch.Tensor:
         """Scores of key blocks for each query block -> [B, nQB, nKB].

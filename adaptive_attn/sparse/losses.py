@@ -58,20 +58,27 @@ def attention_probs_at(q: torch.Tensor, latents: torch.Tensor, scale: float, pos
     return scores.masked_fill(future, float("-inf")).softmax(-1).mean(1)
 
 
-def kl_dense(q, latents, scores, layout: SparseLayout, *, scale, chunk_size=128) -> torch.Tensor:
-    """Warm-up KL over each row's eligible columns. scores: indexer I [B, R, C] (-inf where ineligible)."""
+def kl_dense_tokens(q, latents, score_chunks: list[torch.Tensor], *, scale) -> torch.Tensor:
+    """Warm-up KL over each query's causal row, token mode. score_chunks: the indexer's scores in chunks of
+    queries, [B, c1 - c0, c1] for queries [c0, c1) (`LightningIndexer.token_score_chunks`). A chunk reads
+    only the keys before c1; a query's later keys have no target mass, so they are outside the KL's support
+    whatever their score. Chunk by chunk, no [B, L, L] tensor is made, forward or backward."""
+    total, rows, c0 = q.new_zeros(()), 0, 0
+    for chunk in score_chunks:
+        c1 = c0 + chunk.shape[1]
+        s, n = _kl(causal_attention_probs(q, latents[:, :c1], scale, c0, c1), chunk)
+        total, rows, c0 = total + s, rows + n, c1
+    return total / max(rows, 1)
+
+
+def kl_dense_blocks(q, latents, scores, layout: SparseLayout, *, scale, chunk_size=128) -> torch.Tensor:
+    """Warm-up KL over each query block's eligible key blocks. scores: indexer I [B, R, C] (-inf where
+    ineligible); the target, chunk by chunk of queries, each over the keys before its last."""
     B, _, L, _ = q.shape
-    if layout.token_level:
-        total, rows = scores.new_zeros(()), 0
-        for c0 in range(0, L, chunk_size):
-            c1 = min(c0 + chunk_size, L)
-            s, n = _kl(causal_attention_probs(q, latents, scale, c0, c1), scores[:, c0:c1])
-            total, rows = total + s, rows + n
-        return total / max(rows, 1)
     mass = _wide(scores.new_zeros(B, layout.n_rows, layout.n_columns))
     for c0 in range(0, L, chunk_size):
         c1 = min(c0 + chunk_size, L)
-        probs = layout.pad(causal_attention_probs(q, latents, scale, c0, c1), 2)
+        probs = layout.pad(causal_attention_probs(q, latents[:, :c1], scale, c0, c1), 2)
         per_block = probs.view(B, c1 - c0, layout.n_columns, layout.block_size).sum(-1)  # [B, C, nKB]
         mass.index_add_(1, torch.arange(c0, c1, device=q.device) // layout.query_block, per_block.to(mass.dtype))
     s, n = _kl(_normalise(mass * layout.eligible), scores)
