@@ -41,6 +41,22 @@ def test_selector_properties_on_random_inputs(trial):
                 assert scores[b, r, picked].min() >= scores[b, r, others].max()
 
 
+@pytest.mark.parametrize("sink_tokens", [0, 3])
+@pytest.mark.parametrize("row_chunk", [1, 7, 16])
+def test_rows_in_chunks_select_what_one_pass_selects(row_chunk, sink_tokens):
+    """Token mode ranks a chunk of rows over the columns up to its last query only: the same indices, slot
+    for slot, as one pass over every column, with ties (zeros after a ReLU) and every kind of k."""
+    g = torch.Generator().manual_seed(row_chunk)
+    B, L = 3, 37
+    scores = torch.randn(B, L, L, generator=g).relu()  # half the scores tie at 0
+    layout = SparseLayout(L)
+    for kind in range(4):
+        k = draw_k(kind, B, L, g)
+        one_pass = TopKTokenSelector(sink_tokens, row_chunk=L)(scores, k, layout)
+        chunked = TopKTokenSelector(sink_tokens, row_chunk=row_chunk)(scores, k, layout)
+        assert torch.equal(chunked, one_pass)
+
+
 def test_selection_of_a_row_depends_on_its_own_scores_and_k_alone():
     """Among tied scores the most recent positions win, whatever the other rows' budgets (which set K)."""
     g = torch.Generator().manual_seed(0)

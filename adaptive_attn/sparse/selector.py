@@ -1,6 +1,7 @@
 """Causal top-k selection over indexer scores, in a total order on (score, position)."""
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from adaptive_attn.ops.layout import SparseLayout
@@ -34,9 +35,9 @@ class TopKTokenSelector(nn.Module):
     selection and its slot order depend on that row's scores and k alone (see `order_keys`).
     """
 
-    def __init__(self, sink_tokens: int = 0):
+    def __init__(self, sink_tokens: int = 0, row_chunk: int = 128):
         super().__init__()
-        self.sink_tokens = sink_tokens
+        self.sink_tokens, self.row_chunk = sink_tokens, row_chunk
 
     def forward(self, scores: torch.Tensor, k: int | torch.Tensor, layout: SparseLayout) -> torch.Tensor:
         """scores [B, R, C] -> indices [B, R, K] (int64, -1 = unused), K = the largest k used"""
@@ -47,14 +48,26 @@ class TopKTokenSelector(nn.Module):
         K = int(k_eff.max()) if k_eff.numel() else 0
         if K == 0:
             return torch.full((B, R, 0), -1, dtype=torch.long, device=scores.device)
-        masked = scores.detach().masked_fill(~layout.eligible, float("-inf"))
-        if self.sink_tokens:  # ties among kept columns go by position: the own one first, then the sinks
-            sinks = torch.arange(layout.n_columns, device=scores.device) < -(-self.sink_tokens // layout.block_size)
-            masked = masked.masked_fill(sinks & layout.eligible, float("inf"))
-        if layout.token_level:
-            own = torch.arange(R, device=scores.device)
-            masked[:, own, own] = float("inf")
-        indices = torch.topk(order_keys(masked), K, dim=-1, sorted=True).values & 0xFFFFFFFF
+        # token mode, in chunks of rows: a chunk reads only the columns up to its last query (the later ones
+        # are future to all of them), so most of the masked upper triangle is never ranked
+        step = self.row_chunk if layout.token_level else R
+        indices = torch.cat([self.top_columns(scores, r0, min(r0 + step, R), K, layout) for r0 in range(0, R, step)], 1)
         slot = torch.arange(K, device=scores.device)
         valid = (slot[None, None, :] < k_eff[..., None]) & (indices < n_eligible[None, :, None])
         return indices.masked_fill(~valid, -1)
+
+    def top_columns(self, scores: torch.Tensor, r0: int, r1: int, K: int, layout: SparseLayout) -> torch.Tensor:
+        """Rows [r0, r1) -> their K best columns in (score, position) order, ineligible ones last: [B, r1 - r0, K]
+        (-1 past the columns the chunk reads)."""
+        columns = r1 if layout.token_level else layout.n_columns
+        eligible = layout.eligible[r0:r1, :columns]
+        masked = scores.detach()[:, r0:r1, :columns].masked_fill(~eligible, float("-inf"))
+        if self.sink_tokens:  # ties among kept columns go by position: the own one first, then the sinks
+            sinks = torch.arange(columns, device=scores.device) < -(-self.sink_tokens // layout.block_size)
+            masked = masked.masked_fill(sinks & eligible, float("inf"))
+        if layout.token_level:
+            own = torch.arange(r0, r1, device=scores.device)
+            masked[:, own - r0, own] = float("inf")
+        width = min(K, columns)
+        indices = torch.topk(order_keys(masked), width, dim=-1, sorted=True).values & 0xFFFFFFFF
+        return F.pad(indices, (0, K - width), value=-1)
