@@ -10,6 +10,7 @@ from adaptive_attn.ops.layout import SparseLayout
 from adaptive_attn.ops.torch_block import torch_block_attention
 from adaptive_attn.sparse import losses
 from adaptive_attn.sparse.budget import fixed_k
+from adaptive_attn.sparse.dsa import selected_scores
 from adaptive_attn.sparse.indexer import LightningIndexer
 from tests.helpers import random_selection, tiny_model_kwargs
 
@@ -76,6 +77,25 @@ def test_token_scores_in_causal_chunks_equal_the_whole_masked_score_matrix(chunk
     (got,) = torch.autograd.grad(scores, x, upstream * past)
     (want,) = torch.autograd.grad(expected, x, upstream * past)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+
+
+def test_selected_scores_from_the_chunks_equal_the_whole_score_matrix_gathered():
+    """The sparse stage's KL in token mode gathers the selected keys' scores from the indexer's chunks (the
+    whole matrix is built without gradient): the same values and the same gradient to the indexer's weights
+    as gathered from the whole matrix, unused slots included."""
+    torch.manual_seed(0)
+    indexer = LightningIndexer(16, n_heads=2, head_dim=8, rope_dim=4, chunk_size=4).double()
+    x = torch.randn(2, 10, 16, dtype=torch.float64)
+    indices, layout = random_selection(2, 10, 3)
+    indices[0, 4, 1:] = -1
+    got = selected_scores(None, indexer.token_score_chunks(x), indices)
+    want = selected_scores(indexer(x, layout), None, indices)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    upstream, weights = torch.randn_like(got), list(indexer.parameters())
+    for g_got, g_want in zip(
+        torch.autograd.grad(got, weights, upstream), torch.autograd.grad(want, weights, upstream), strict=True
+    ):
+        torch.testing.assert_close(g_got, g_want, rtol=0, atol=1e-12)
 
 
 def test_block_scores_of_a_query_block_ignore_its_own_and_later_tokens():
@@ -151,7 +171,7 @@ def test_block_kl_target_matches_a_dense_computation(target_from_op):
     scores = torch.randn(B, layout.n_rows, layout.n_columns, dtype=torch.float64)
     op_mass = torch_block_attention(q, latents, idx, layout, scale=0.4, v_dim=1)[1] if target_from_op else None
     assert not target_from_op or not op_mass.isnan().any()
-    got = losses.kl_selected(q, latents, scores, idx, op_mass, layout, scale=0.4)
+    got = losses.kl_selected(q, latents, scores.gather(-1, idx.clamp(min=0)), idx, op_mass, layout, scale=0.4)
 
     pos = torch.arange(L)
     attended = torch.zeros(B, L, L, dtype=torch.bool)  # built here from the definition, not by the layout
@@ -187,16 +207,28 @@ def test_block_kl_from_a_draw_of_query_blocks_is_unbiased(op_rows):
     idx[1, 5:9] = -1  # rows without a selection in one sequence: the mean is over the rows that have one
     q, latents = torch.randn(B, H, L, D, dtype=torch.float64), torch.randn(B, L, D, dtype=torch.float64)
     scores = torch.randn(B, layout.n_rows, layout.n_columns, dtype=torch.float64)
-    full = float(losses.kl_selected(q, latents, scores, idx, None, layout, scale=0.4))
+    full = float(losses.kl_selected(q, latents, scores.gather(-1, idx.clamp(min=0)), idx, None, layout, scale=0.4))
     op_mass = None
     if op_rows == "half":
         op_mass = losses.block_mass(q, latents, idx, layout, 0, layout.n_rows, 0.4) * (idx >= 0)
         op_mass[0, ::2] = float("nan")
         op_mass[1, 1::2] = float("nan")
-        assert abs(float(losses.kl_selected(q, latents, scores, idx, op_mass, layout, scale=0.4)) - full) < 1e-12
+        assert (
+            abs(
+                float(
+                    losses.kl_selected(q, latents, scores.gather(-1, idx.clamp(min=0)), idx, op_mass, layout, scale=0.4)
+                )
+                - full
+            )
+            < 1e-12
+        )
     draws = torch.tensor(
         [
-            float(losses.kl_selected(q, latents, scores, idx, op_mass, layout, scale=0.4, row_fraction=0.25))
+            float(
+                losses.kl_selected(
+                    q, latents, scores.gather(-1, idx.clamp(min=0)), idx, op_mass, layout, scale=0.4, row_fraction=0.25
+                )
+            )
             for _ in range(2000)
         ]
     )

@@ -56,7 +56,7 @@ def test_indexer_kl_of_bf16_inputs_is_computed_in_float32():
     B, L, K = 2, 64, 16
     indices, layout = random_selection(B, L, K)
     slot_probs = torch.rand(B, L, K).to(torch.bfloat16) * (indices >= 0)
-    scores = torch.randn(B, L, L).to(torch.bfloat16)
+    scores = torch.randn(B, L, K).to(torch.bfloat16)  # of the selected keys
     kl_bf16 = losses.kl_selected(None, None, scores, indices, slot_probs, layout, scale=1.0)
     kl_fp32 = losses.kl_selected(None, None, scores.float(), indices, slot_probs.float(), layout, scale=1.0)
     assert kl_bf16.dtype == torch.float32 and abs(float(kl_bf16) - float(kl_fp32)) < 1e-6 * float(kl_fp32)

@@ -53,6 +53,15 @@ def selection_stats(indices: torch.Tensor, k, layout: SparseLayout, target: floa
     }
 
 
+def selected_scores(scores: torch.Tensor, chunks: list[torch.Tensor] | None, indices: torch.Tensor) -> torch.Tensor:
+    """The indexer's scores of the selected columns [B, R, K]: from `chunks` (token mode, see
+    `DeepSeekSparseAttention.score`) where given, else from the scores themselves."""
+    if chunks is None:
+        return scores.gather(-1, indices.clamp(min=0))
+    rows = indices.split([chunk.shape[1] for chunk in chunks], 1)
+    return torch.cat([chunk.gather(-1, part.clamp(min=0)) for chunk, part in zip(chunks, rows)], 1)
+
+
 class DeepSeekSparseAttention(nn.Module):
     def __init__(
         self,
@@ -114,7 +123,7 @@ class DeepSeekSparseAttention(nn.Module):
         if not bool(self.sparse_active):
             return None, self.warmup(x, q.detach(), latents.detach(), layout, scale)
         with component("indexer"):
-            scores = self.indexer(x, layout)
+            scores, score_chunks = self.score(x, layout)
         with component("budget"):
             # the oracle control selects by the true dense attention; every other budget by the indexer
             oracle = hasattr(self.budget, "attention_scores")
@@ -140,8 +149,9 @@ class DeepSeekSparseAttention(nn.Module):
             )
         with component("indexer_kl"):
             fraction = self.kl_row_fraction if self.training else 1.0
+            selected = selected_scores(scores, score_chunks, indices)
             kl = losses.kl_selected(
-                q.detach(), latents.detach(), scores, indices, slot_probs, layout, scale=scale, row_fraction=fraction
+                q.detach(), latents.detach(), selected, indices, slot_probs, layout, scale=scale, row_fraction=fraction
             )
         stats = {"indexer_kl": kl.detach(), **selection_stats(indices, k_hard, layout, self.budget.target_keep(layout))}
         stats.update(self.budget.stats())
@@ -149,6 +159,16 @@ class DeepSeekSparseAttention(nn.Module):
             with component("recall"):
                 stats.update(self.recall(q, latents, indices, torch.rand_like(scores), k_hard, layout, scale))
         return out, {"indexer_kl": kl, "stats": stats}
+
+    def score(self, x, layout: SparseLayout) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+        """-> (indexer scores [B, R, C], for the budget and the selector; in token mode the chunks of queries
+        they come from, [B, C_i, c_i], which alone carry the gradient: the KL gathers the selected keys' scores
+        from them, so no [B, L, L] tensor takes part in backward)"""
+        if not layout.token_level:
+            return self.indexer(x, layout), None
+        chunks = self.indexer.token_score_chunks(x)
+        with torch.no_grad():
+            return self.indexer.join_chunks(chunks, layout), chunks
 
     def warmup(self, x, q, latents, layout: SparseLayout, scale: float) -> dict:
         """The dense warm-up stage: the indexer trains on whole causal rows, attention stays dense -> aux.

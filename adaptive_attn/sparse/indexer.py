@@ -69,13 +69,16 @@ class LightningIndexer(nn.Module):
 
     def forward(self, x: torch.Tensor, layout: SparseLayout) -> torch.Tensor:
         """x: [B, L, D] -> scores I [B, R, C] over the layout's rows and columns, -inf where ineligible."""
-        scores = self.token_scores(x) if layout.token_level else self.block_scores(x, layout)
-        return scores.masked_fill(~layout.eligible, float("-inf"))
+        if layout.token_level:
+            return self.join_chunks(self.token_score_chunks(x), layout)
+        return self.block_scores(x, layout).masked_fill(~layout.eligible, float("-inf"))
 
-    def token_scores(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [B, L, D] -> I [B, L, L]: the chunks of `token_score_chunks`, their future columns -inf."""
-        L, chunks = x.shape[1], self.token_score_chunks(x)
-        return torch.cat([F.pad(chunk, (0, L - chunk.shape[-1]), value=float("-inf")) for chunk in chunks], 1)
+    @staticmethod
+    def join_chunks(chunks: list[torch.Tensor], layout: SparseLayout) -> torch.Tensor:
+        """The chunks of `token_score_chunks` -> I [B, L, L], -inf where ineligible (the future)."""
+        L = layout.seq_len
+        joined = torch.cat([F.pad(chunk, (0, L - chunk.shape[-1]), value=float("-inf")) for chunk in chunks], 1)
+        return joined.masked_fill(~layout.eligible, float("-inf"))
 
     def token_score_chunks(self, x: torch.Tensor) -> list[torch.Tensor]:
         """x: [B, L, D] -> I in chunks of `chunk_size` queries, to bound memory: chunk [c0, c1) is [B, c1 - c0, c1].

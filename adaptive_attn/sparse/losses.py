@@ -85,15 +85,16 @@ def kl_dense_blocks(q, latents, scores, layout: SparseLayout, *, scale, chunk_si
     return s / max(n, 1)
 
 
-def kl_selected(q, latents, scores, indices, slot_probs, layout: SparseLayout, *, scale, row_fraction=1.0):
-    """Sparse-stage KL over each row's selected columns. indices [B, R, K]; slot_probs, from the op: token
-    mode, the main attention's head-averaged probabilities of the selected tokens [B, L, K]; block mode,
-    each selected block's mass [B, R, K] (NaN in rows the op had no room for) or None (see
-    `_block_kl_selected`)."""
+def kl_selected(q, latents, selected_scores, indices, slot_probs, layout: SparseLayout, *, scale, row_fraction=1.0):
+    """Sparse-stage KL over each row's selected columns. selected_scores: the indexer's scores of the selected
+    columns [B, R, K] (any value in unused slots); indices [B, R, K]; slot_probs, from the op: token mode, the
+    main attention's head-averaged probabilities of the selected tokens [B, L, K]; block mode, each selected
+    block's mass [B, R, K] (NaN in rows the op had no room for) or None (see `_block_kl_selected`)."""
     if layout.token_level:
-        s, n = _kl(_normalise(slot_probs), scores.gather(-1, indices.clamp(min=0)))
+        s, n = _kl(_normalise(slot_probs), selected_scores)
         return s / max(n, 1)
-    return _block_kl_selected(q, latents, scores, indices, slot_probs, layout, scale=scale, row_fraction=row_fraction)
+    args = dict(scale=scale, row_fraction=row_fraction)
+    return _block_kl_selected(q, latents, selected_scores, indices, slot_probs, layout, **args)
 
 
 def draw_rows(layout: SparseLayout, fraction: float) -> tuple[torch.Tensor, float]:
@@ -111,17 +112,16 @@ def draw_rows(layout: SparseLayout, fraction: float) -> tuple[torch.Tensor, floa
     return candidates[(start + torch.arange(m, device=candidates.device)) % C].sort().values, C / m
 
 
-def _block_kl_selected(q, latents, scores, indices, op_mass, layout: SparseLayout, *, scale, row_fraction=1.0):
+def _block_kl_selected(q, latents, selected_scores, indices, op_mass, layout: SparseLayout, *, scale, row_fraction=1.0):
     """Block mode: the mean KL over the (sequence, query block) rows that selected a block. Rows whose target
     the op returned (`op_mass`) count exactly; the others are estimated from the query blocks `draw_rows`
     draws (unbiased: their sum times C / m), whose targets come from fused SDPA calls over the contiguous
     runs (`block_mass`). With the op's mass for every row, the KL is exact and nothing is drawn."""
     supported = (indices >= 0).any(-1)  # [B, R]
     if not supported.any():
-        return scores.new_zeros(())
-    selected_scores = scores.gather(-1, indices.clamp(min=0))
+        return selected_scores.new_zeros(())
     known = torch.zeros_like(supported) if op_mass is None else ~op_mass[..., 0].isnan()
-    total = scores.new_zeros(())
+    total = selected_scores.new_zeros(())
     if known.any():
         kl, _ = _kl_rows(_normalise(op_mass.nan_to_num() * (indices >= 0)), selected_scores)
         total = total + kl[known & supported].sum()
