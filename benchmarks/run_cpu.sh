@@ -38,4 +38,10 @@ if [ "$PART" != op ]; then
   python benchmarks/throughput.py --models dense fixed10 adaptive10 --repeats 9 --calibrate 60 --breakdown \
       --seq-len 512 --batch 16 --overrides experiment=exp3_cpu_votes \
       --json "$OUT/throughput_cpu_votes_L512.json" | tee "$OUT/throughput_cpu_votes_L512.txt"
+  # vote share at L=2048 (batch 4, keep 0.1), in the sparse stage and in the dense warm-up, which is half the run
+  for stage in sparse warmup; do
+    python benchmarks/throughput.py --models dense fixed10 --repeats 7 --calibrate 0 --breakdown --stage "$stage" \
+        --seq-len 2048 --batch 4 --overrides experiment=exp3_cpu_votes_2048 \
+        --json "$OUT/throughput_cpu_votes_L2048_$stage.json" | tee "$OUT/throughput_cpu_votes_L2048_$stage.txt"
+  done
 fi
