@@ -8,9 +8,11 @@ are checked before anything is written.
 
 from pathlib import Path
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from adaptive_attn.config import ConfigError
+from adaptive_attn.lit.loggers import keep_rows_before
 
 IDENTITY = ("model", "data", "seq_len", "seed", "module")  # what makes a run this run
 RECORD = "run_config.yaml"
@@ -83,3 +85,12 @@ def record_run(cfg: DictConfig, out_dir: Path) -> None:
     record = out_dir / RECORD
     if not record.exists():
         OmegaConf.save(OmegaConf.create({k: OmegaConf.to_container(cfg, resolve=False)[k] for k in IDENTITY}), record)
+
+
+def drop_rows_past(checkpoint: str, out_dir: Path) -> None:
+    """A process killed outright (SIGKILL, a lost node) may have logged steps after its last checkpoint, which
+    the run resumed from that checkpoint logs again: csv/metrics.csv keeps the rows before its step."""
+    log = out_dir / "csv" / "metrics.csv"
+    if log.is_file():
+        step = torch.load(checkpoint, map_location="cpu", mmap=True, weights_only=False)["global_step"]
+        keep_rows_before(log, step, log)

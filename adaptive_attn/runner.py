@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from adaptive_attn.config import ConfigError, fail, validate
 from adaptive_attn.lit.interrupt import GracefulInterrupt, RunInterrupted
-from adaptive_attn.resume import check_same_run, checkpoint_to_resume, differences, record_run
+from adaptive_attn.resume import check_same_run, checkpoint_to_resume, differences, drop_rows_past, record_run
 from adaptive_attn.summary import build_summary, write_json, write_k_vs_difficulty
 from adaptive_attn.warm_start import branch, copy_logged_rows, warm_start_source
 
@@ -120,6 +120,7 @@ def run(cfg: DictConfig) -> dict:
     if checkpoint is not None:
         extra.update(resumed_summary(out_dir))
         start -= extra["resumed_from"][-1]["wall_s"] or 0.0
+        drop_rows_past(checkpoint, out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     record_run(cfg, out_dir)
     try:

@@ -13,7 +13,6 @@ are drawn at random (`losses.draw_rows`), it goes on as a resumed run does: the 
 same bits (random states are not saved).
 """
 
-import csv
 from pathlib import Path
 
 import lightning as L
@@ -21,6 +20,7 @@ import torch
 from omegaconf import DictConfig
 
 from adaptive_attn.config import ConfigError, is_dense
+from adaptive_attn.lit.loggers import keep_rows_before
 from adaptive_attn.resume import RECORD, differences
 
 FILE = "warmup_end.ckpt"
@@ -125,17 +125,8 @@ def copy_logged_rows(source: tuple[Path, dict], out_dir: Path) -> None:
     its logger starts, which then appends under their header)."""
     path, saved = source
     sibling_log, log = path.parent.parent / "csv" / "metrics.csv", out_dir / "csv" / "metrics.csv"
-    if not sibling_log.is_file() or log.exists():
-        return
-    with sibling_log.open(newline="") as f:
-        reader = csv.DictReader(f)
-        rows = [row for row in reader if row.get("step") and int(row["step"]) < saved["global_step"]]
-        fields = reader.fieldnames or []
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with log.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
+    if sibling_log.is_file() and not log.exists():
+        keep_rows_before(sibling_log, saved["global_step"], log)
 
 
 def branch(source: tuple[Path, dict], module: L.LightningModule, out_dir: Path) -> tuple[str, dict]:

@@ -62,6 +62,24 @@ def test_a_signal_saves_a_checkpoint_and_the_resumed_run_ends_as_an_uninterrupte
     assert metric_steps(tmp_path / "run") == metric_steps(tmp_path / "full")  # the history before the stop too
 
 
+def test_a_run_killed_outright_resumes_from_its_last_checkpoint_and_logs_each_step_once(tmp_path):
+    """SIGKILL leaves no summary and rows logged after the last checkpoint (step 20 of 25 here); the resumed
+    run logs those steps again, so they are dropped first."""
+    args = [*LONGER, "callbacks=default", "callbacks.model_checkpoint.every_n_train_steps=10"]
+    killed = train_cli(*args, f"hydra.run.dir={tmp_path}", stop_at=25, signum=signal.SIGKILL)
+    assert killed.returncode == -signal.SIGKILL and not (tmp_path / "summary.json").exists()
+    assert max(metric_steps(tmp_path)) > 20  # logged past the checkpoint
+    resumed = train_cli(*args, f"hydra.run.dir={tmp_path}", "ckpt_path=last")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    with open(tmp_path / "csv" / "metrics.csv") as f:
+        steps = [int(row["step"]) for row in csv.DictReader(f) if row.get("train/loss")]
+    assert sorted(steps) == list(range(40))  # each step once, those before the kill too
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["status"] == "ok" and summary["resumed_from"] == [
+        dict.fromkeys(("status", "steps", "code_version", "wall_s"))
+    ]
+
+
 def test_ckpt_path_auto_finishes_an_interrupted_sweep_from_its_checkpoints_and_then_skips_it(tmp_path):
     sweep = ["-m", *LONGER, "eval_untrained=true", "seq_len=64,32", f"hydra.sweep.dir={tmp_path}"]
     stopped = train_cli(*sweep, stop_at=13)

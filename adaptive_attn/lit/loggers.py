@@ -1,6 +1,7 @@
 """A CSV logger that keeps what a run logged before it was resumed."""
 
 import csv
+from pathlib import Path
 
 from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.pytorch.loggers import CSVLogger
@@ -26,3 +27,17 @@ class ResumableCSVLogger(CSVLogger):
             self._fs.makedirs(self.root_dir, exist_ok=True)
             self._experiment = _AppendingWriter(log_dir=self.log_dir)
         return self._experiment
+
+
+def keep_rows_before(source: Path, step: int, target: Path) -> None:
+    """Write the rows of the metrics.csv `source` logged before `step`, under its header, to `target` (which
+    may be `source` itself)."""
+    with source.open(newline="") as f:
+        reader = csv.DictReader(f)
+        rows = [row for row in reader if row.get("step") and int(row["step"]) < step]
+        fields = reader.fieldnames or []
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with target.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
