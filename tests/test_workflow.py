@@ -104,6 +104,8 @@ def test_failing_job_is_recorded_and_the_sweep_goes_on(tmp_path):
     assert "model.moe.top_k=9" in runs["error"].iloc[1]
     # summary.md says what ran: one seed finished, one job did not
     assert coverage(runs).iloc[0][runs["seq_len"].iloc[0]] == f"{runs['seed'].iloc[0]} (1 not ok)"
+    unfinished = (tmp_path / "summary.md").read_text().split("## runs that did not finish")[1]
+    assert "| status   |   steps | error" in unfinished and "| failed   |" in unfinished and "top_k=9" in unfinished
 
 
 def test_coverage_lists_the_finished_seeds_of_each_model_and_length():

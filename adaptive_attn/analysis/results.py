@@ -256,7 +256,7 @@ def analyse(sweep_dir: str | Path, out_dir: str | Path | None = None, plots: boo
         lines += [
             "## runs that did not finish",
             "",
-            failed[["run_dir", "status", "error"]].to_markdown(index=False),
+            failed[[c for c in ("run_dir", "status", "steps", "error") if c in failed]].to_markdown(index=False),
             "",
         ]
     (out_dir / "summary.md").write_text("\n".join(lines))
