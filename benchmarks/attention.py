@@ -16,11 +16,10 @@ time per attended pair as dense attention and no time on anything else.
 
 import argparse
 import json
-import platform
 
 import torch
 import torch.nn.functional as F
-from timing import median, take_turns, wall_ms
+from timing import device_name, median, take_turns, wall_ms
 from tqdm.auto import tqdm
 
 from adaptive_attn.ops.dispatch import sparse_attention
@@ -28,12 +27,6 @@ from adaptive_attn.ops.layout import SparseLayout
 from adaptive_attn.sparse.budget import FixedBudget, fixed_k
 from adaptive_attn.sparse.dsa import DeepSeekSparseAttention
 from adaptive_attn.sparse.indexer import LightningIndexer
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
 def sparse_layer(d_model, block_size, query_block, backend, indexer_heads, indexer_dim) -> DeepSeekSparseAttention:

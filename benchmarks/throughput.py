@@ -18,13 +18,12 @@ applies to that model only.
 
 import argparse
 import json
-import time
 
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
-from timing import median, median_interval, paired_ratios, take_turns
+from timing import device_name, median, median_interval, paired_ratios, take_turns, timed_call
 from tqdm.auto import tqdm
 
 from adaptive_attn.config import CONF_DIR, validate
@@ -56,33 +55,39 @@ def build_model(name: str, overrides: list[str]):
     return instantiate(cfg.model), cfg, used
 
 
-def training_step(model, batch, calibrate: int, sparse_stage: bool = True):
+def training_step(model, batch, calibrate: int, sparse_stage: bool = True, autocast: torch.dtype | None = None):
     """-> a function running one forward + backward + AdamW step, every DSA layer in its sparse stage (or
     in the dense warm-up, where the indexer trains on full causal rows).
 
     First `calibrate` forward passes let adaptive budgets reach their target (their dual ascent runs
     after each step), so the timing compares equal compute. The optimizer runs with lr 0: the step does
     all its arithmetic, but the weights (and with them MoE routing and the adaptive budgets) stay where
-    calibration left them instead of drifting on the one repeated batch.
+    calibration left them instead of drifting on the one repeated batch. `autocast`: the dtype of mixed
+    precision (as `trainer.precision=bf16-mixed` trains), or None for the weights' own.
     """
     model.set_sparse_stage(sparse_stage)
     opt = torch.optim.AdamW(model.parameters(), lr=0.0)
     inputs, targets = split_batch(batch)
-    with torch.no_grad():
+    device = inputs.device
+    mixed = torch.autocast(device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None)
+    with torch.no_grad(), mixed:
         for _ in range(calibrate if sparse_stage and any(True for _ in model.sparse_layers()) else 0):
             _, aux = model(inputs)
             model.after_training_step(aux["sparsity"])
 
-    def step() -> tuple[float, float]:
-        """-> (ms, equivalent keep, mean over the layers)"""
-        start = time.perf_counter()
-        logits, aux = model(inputs)
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
+    def forward_backward() -> dict:
+        with mixed:
+            logits, aux = model(inputs)
+            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
         (loss + aux["balance_loss"] + aux.get("indexer_kl", 0.0)).backward()
         with component("optimizer"):
             opt.step()
             opt.zero_grad(set_to_none=True)
-        ms = 1000 * (time.perf_counter() - start)
+        return aux
+
+    def step() -> tuple[float, float]:
+        """-> (ms, equivalent keep, mean over the layers)"""
+        ms, aux = timed_call(forward_backward, device)
         model.after_training_step(aux.get("sparsity"))
         keep = [float(layer["equivalent_keep"]) for layer in aux.get("sparsity", [])] or [1.0]
         share = [float(layer["pairs_share"]) for layer in aux.get("sparsity", [])] or [1.0]
@@ -126,8 +131,8 @@ def interval_text(interval: list[float]) -> str:
 
 
 def print_tables(records: list[dict], args) -> None:
-    threads = torch.get_num_threads()
-    print(f"\nseq_len={args.seq_len} batch={args.batch} stage={args.stage} threads={threads} {args.overrides}")
+    where = f"{records[0]['device']} {args.dtype}"
+    print(f"\n{where} seq_len={args.seq_len} batch={args.batch} stage={args.stage} {args.overrides}")
     print(
         f"{'model':14} {'step ms':>9} {'tokens/s':>9} {'eq. keep':>9} {'pairs':>7} {'vs ' + records[0]['model']:>10}"
         f" {'95% interval':>14} {'bound':>7} {'floor':>7}"
@@ -155,7 +160,7 @@ def print_tables(records: list[dict], args) -> None:
         print(f"dense attention's share of a dense step: {by_name['dense']['attention_share']:.3f}")
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=["dense", "fixed25", "fixed50", "adaptive", "adaptive_topp"])
     p.add_argument("--seq-len", type=int, default=512)
@@ -165,13 +170,21 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--calibrate", type=int, default=100, help="forward passes for adaptive budgets to reach target")
     p.add_argument("--overrides", nargs="*", default=[], help="Hydra overrides: key=value, or model:key=value")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="bfloat16: mixed, autocast")
     p.add_argument("--stage", choices=["sparse", "warmup"], default="sparse", help="the sparse models' training stage")
     p.add_argument("--breakdown", action="store_true", help="also profile each model's step by component")
     p.add_argument("--breakdown-rounds", type=int, default=3)
     p.add_argument("--json", help="write the records to this path")
     args = p.parse_args()
-    torch.set_flush_denormal(True)  # as the training entry point does
+    if args.breakdown and args.device != "cpu":
+        p.error("--breakdown profiles CPU time: on a GPU it would time kernel launches, not kernels")
+    return args
 
+
+def build_steps(args, device: torch.device) -> tuple[list, list[list[str]]]:
+    """-> every model's training step (on `device`), and the overrides each took."""
+    autocast = None if args.dtype == "float32" else torch.bfloat16
     steps, applied = [], []
     for name in tqdm(args.models, desc="build + calibrate"):
         # same seed for every model: shared weights (budgets draw no random numbers) and the same batch,
@@ -179,36 +192,51 @@ def main() -> None:
         torch.manual_seed(args.seed)
         model, cfg, used = build_model(name, [f"seq_len={args.seq_len}", *args.overrides])
         applied.append(used)
-        tokens = torch.randint(0, cfg.data.vocab_size, (args.batch, args.seq_len + 1))
-        steps.append(training_step(model, {"tokens": tokens}, args.calibrate, args.stage == "sparse"))
-    timed = take_turns(steps, args.repeats, args.warmup, desc="rounds")  # [(ms, keep, share)] per model
+        tokens = torch.randint(0, cfg.data.vocab_size, (args.batch, args.seq_len + 1)).to(device)
+        sparse_stage = args.stage == "sparse"
+        steps.append(training_step(model.to(device), {"tokens": tokens}, args.calibrate, sparse_stage, autocast))
+    return steps, applied
+
+
+def make_records(args, timed: list[list], applied: list[list[str]], device: torch.device) -> list[dict]:
+    """Each model's timed rounds [(ms, keep, share)] -> its record, with its ratios to the baseline and, for
+    an adaptive budget, to the fixed budget of its target."""
     rounds = {name: [ms for ms, _, _ in t] for name, t in zip(args.models, timed)}  # step ms, round by round
-    baseline = rounds[args.models[0]]
     records = []
     for name, t, used in zip(args.models, timed, applied):
         ms = median(rounds[name])
-        records.append(
-            {
-                "model": name,
-                "seq_len": args.seq_len,
-                "batch": args.batch,
-                "step_ms": round(ms, 2),
-                "tokens_per_s": round(args.batch * args.seq_len / ms * 1000, 1),
-                # adaptive budgets move around their target while they train
-                "equivalent_keep": round(sum(k for _, k, _ in t) / len(t), 4),
-                "pairs_share": round(sum(s for _, _, s in t) / len(t), 4),
-                "stage": args.stage,
-                "device": "cpu",
-                "threads": torch.get_num_threads(),
-                "overrides": used,
-                "round_ms": [round(ms, 2) for ms in rounds[name]],
-            }
-        )
-        records[-1]["ratio_vs_baseline"], records[-1]["ratio_interval"] = paired_ratio(rounds[name], baseline)
+        record = {
+            "model": name,
+            "seq_len": args.seq_len,
+            "batch": args.batch,
+            "step_ms": round(ms, 2),
+            "tokens_per_s": round(args.batch * args.seq_len / ms * 1000, 1),
+            # adaptive budgets move around their target while they train
+            "equivalent_keep": round(sum(k for _, k, _ in t) / len(t), 4),
+            "pairs_share": round(sum(s for _, _, s in t) / len(t), 4),
+            "stage": args.stage,
+            "device": device_name(device),
+            "dtype": args.dtype,
+            "threads": torch.get_num_threads(),
+            "overrides": used,
+            "round_ms": [round(ms, 2) for ms in rounds[name]],
+        }
+        record["ratio_vs_baseline"], record["ratio_interval"] = paired_ratio(rounds[name], rounds[args.models[0]])
         fixed = SAME_COMPUTE.get(name)
         if fixed in rounds:
             ratio, interval = paired_ratio(rounds[name], rounds[fixed])
-            records[-1]["vs_fixed"] = {"model": fixed, "ratio": ratio, "interval": interval}
+            record["vs_fixed"] = {"model": fixed, "ratio": ratio, "interval": interval}
+        records.append(record)
+    return records
+
+
+def main() -> None:
+    args = parse_args()
+    torch.set_flush_denormal(True)  # as the training entry point does
+    device = torch.device(args.device)
+    steps, applied = build_steps(args, device)
+    timed = take_turns(steps, args.repeats, args.warmup, desc="rounds")  # [(ms, keep, share)] per model
+    records = make_records(args, timed, applied, device)
     if args.breakdown:
         for record, ms in zip(records, median_breakdowns(steps, args.breakdown_rounds)):
             record["breakdown_ms"] = {k: round(v, 2) for k, v in ms.items()}

@@ -2,6 +2,7 @@
 drifts of the machine's speed (large on small shared CPUs) reach all of them alike."""
 
 import math
+import platform
 import time
 
 import torch
@@ -24,19 +25,26 @@ def take_turns(fns, repeats: int, warmup: int = 1, desc: str | None = None) -> l
     return results
 
 
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def timed_call(fn, device: torch.device) -> tuple[float, object]:
+    """Run fn() -> (its wall time in ms, synchronising CUDA around it; what it returned)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    value = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return 1000 * (time.perf_counter() - start), value
+
+
 def wall_ms(fn, device: torch.device):
-    """-> a callable that runs fn() and returns its wall time in ms (synchronising CUDA around it)."""
-
-    def timed() -> float:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return 1000 * (time.perf_counter() - start)
-
-    return timed
+    """-> a callable that runs fn() and returns its wall time in ms."""
+    return lambda: timed_call(fn, device)[0]
 
 
 def median(values: list[float]) -> float:

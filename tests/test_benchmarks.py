@@ -98,6 +98,7 @@ def test_throughput_benchmark_times_the_warm_up_stage(tmp_path):
     )
     dense, fixed = json.loads(out.read_text())
     assert fixed["stage"] == "warmup" and fixed["pairs_share"] == 1.0 and fixed["equivalent_keep"] == 1.0
+    assert fixed["dtype"] == "float32" and fixed["device"].startswith("cpu")
     ms = fixed["breakdown_ms"]
     assert (
         ms["dense_attention"] > 0
@@ -106,6 +107,22 @@ def test_throughput_benchmark_times_the_warm_up_stage(tmp_path):
         and ms["sparse_attention"] < ms["dense_attention"]
     )
     assert "amdahl_bound" not in fixed and "attention_share" not in dense
+
+
+def test_throughput_benchmark_times_mixed_precision_as_training_runs_it(tmp_path):
+    """`--dtype bfloat16` times steps under autocast (the path `gpu_check.sh` takes on a GPU, here on the CPU):
+    both models step, the sparse one at its keep; `--breakdown` is refused off the CPU."""
+    out = tmp_path / "throughput.json"
+    args = ("--models", "dense", "fixed25", "--seq-len", "64", "--batch", "2", "--repeats", "1", "--warmup", "0")
+    run_script("throughput.py", *args, "--dtype", "bfloat16", "--overrides", "experiment=quick", "--json", str(out))
+    dense, fixed = json.loads(out.read_text())
+    assert dense["dtype"] == fixed["dtype"] == "bfloat16" and fixed["step_ms"] > 0 and fixed["equivalent_keep"] == 0.25
+    refused = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "throughput.py"), "--device", "cuda", "--breakdown"],
+        capture_output=True,
+        text=True,
+    )
+    assert refused.returncode == 2 and "--breakdown profiles CPU time" in refused.stderr
 
 
 def test_attention_benchmark_records_a_failing_configuration_and_goes_on(tmp_path):
