@@ -196,6 +196,8 @@ def test_vote_share_at_longer_lengths_doubles_the_run_and_its_warm_up(compose_cf
     cfg = compose_cfg([f"experiment={experiment}"])
     validate(cfg)
     long = OmegaConf.to_container(cfg, resolve=True)
+    periodic = long["callbacks"].pop("model_checkpoint", None)  # jobs of hours: a checkpoint every 200 steps
+    assert periodic is None if seq_len < 2048 else periodic["every_n_train_steps"] == 200 and periodic["save_last"]
     assert long["seq_len"] == seq_len and long["data"]["batch_size"] == batch
     assert long["trainer"]["max_steps"] == long["data"]["train_steps"] == 2 * base["trainer"]["max_steps"]
     assert long["module"]["dense_warmup_steps"] == long["trainer"]["max_steps"] // 2
