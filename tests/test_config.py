@@ -7,6 +7,8 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from adaptive_attn.config import ConfigError, group_options, validate
+from adaptive_attn.lit.interrupt import GracefulInterrupt
+from adaptive_attn.runner import build
 
 CHEAP = ["experiment=quick"]
 
@@ -186,6 +188,24 @@ def test_vote_share_from_l512_differs_from_the_l256_protocol_only_in_its_warm_up
 
 
 @pytest.mark.parametrize(
+    "experiment",
+    [
+        "exp3_cpu_synthetic",
+        "exp3_cpu_text",
+        "exp3_cpu_votes",
+        "exp3_cpu_votes_long",
+        "exp3_cpu_votes_1024",
+        "exp3_cpu_votes_2048",
+    ],
+)
+def test_the_study_experiments_build_their_trainer(compose_cfg, experiment, tmp_path):
+    """Each CPU experiment's callbacks and trainer settings agree (a ModelCheckpoint with checkpointing
+    turned off, say, would stop every job when it starts)."""
+    _, _, trainer = build(compose_cfg([f"experiment={experiment}", "model=fixed10"]), tmp_path)
+    assert any(isinstance(cb, GracefulInterrupt) for cb in trainer.callbacks)
+
+
+@pytest.mark.parametrize(
     "experiment,shorter,seq_len,batch",
     [("exp3_cpu_votes_1024", "exp3_cpu_votes_long", 1024, 8), ("exp3_cpu_votes_2048", "exp3_cpu_votes_1024", 2048, 4)],
 )
@@ -197,13 +217,19 @@ def test_vote_share_at_longer_lengths_doubles_the_run_and_its_warm_up(compose_cf
     validate(cfg)
     long = OmegaConf.to_container(cfg, resolve=True)
     periodic = long["callbacks"].pop("model_checkpoint", None)  # jobs of hours: a checkpoint every 200 steps
-    assert periodic is None if seq_len < 2048 else periodic["every_n_train_steps"] == 200 and periodic["save_last"]
+    if seq_len >= 2048:
+        assert (
+            periodic["every_n_train_steps"] == 200 and periodic["save_last"] and long["trainer"]["enable_checkpointing"]
+        )
+    else:
+        assert periodic is None
     assert long["seq_len"] == seq_len and long["data"]["batch_size"] == batch
     assert long["trainer"]["max_steps"] == long["data"]["train_steps"] == 2 * base["trainer"]["max_steps"]
     assert long["module"]["dense_warmup_steps"] == long["trainer"]["max_steps"] // 2
     assert long["trainer"]["val_check_interval"] == long["trainer"]["max_steps"] // 20
     assert long["hydra"]["sweep"] == base["hydra"]["sweep"]
-    for group, key in [("trainer", "max_steps"), ("trainer", "val_check_interval"), ("data", "train_steps")]:
+    scaled = [("trainer", "max_steps"), ("trainer", "val_check_interval"), ("data", "train_steps")]
+    for group, key in [*scaled, ("trainer", "enable_checkpointing")]:
         base[group][key] = long[group][key]
     base["module"]["dense_warmup_steps"] = long["module"]["dense_warmup_steps"]
     assert {k: v for k, v in long.items() if k != "hydra"} == {k: v for k, v in base.items() if k != "hydra"}
