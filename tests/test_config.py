@@ -221,6 +221,7 @@ def test_vote_share_at_longer_lengths_doubles_the_run_and_its_warm_up(compose_cf
         assert (
             periodic["every_n_train_steps"] == 200 and periodic["save_last"] and long["trainer"]["enable_checkpointing"]
         )
+        assert periodic["enable_version_counter"] is False  # it overwrites the last.ckpt a SIGTERM wrote
     else:
         assert periodic is None
     assert long["seq_len"] == seq_len and long["data"]["batch_size"] == batch
