@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# One prepared GPU check (< 10 minutes on an H100/H200, within one device call): correctness of the fused kernels against the
-# reference on the GPU, the op-level timing table (dense SDPA/FlashAttention vs flex vs triton, bf16), then
-# model-level training steps.
+# One prepared GPU check (< 10 minutes on an H100/H200, within one device call): correctness of the fused
+# kernels against the reference on the GPU, the op-level timing table (dense SDPA/FlashAttention vs flex vs
+# triton, bf16), then model-level training steps.
 #   bash benchmarks/gpu_check.sh [OUT_DIR]
 # It runs from the source tree with the machine's own torch and triton (a GPU machine without network
 # access can run it as it is): the kernel tests and the op benchmark need nothing else. Each part writes
