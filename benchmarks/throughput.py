@@ -55,21 +55,21 @@ def build_model(name: str, overrides: list[str]):
     return instantiate(cfg.model), cfg, used
 
 
-def training_step(model, batch, calibrate: int, sparse_stage: bool = True, autocast: torch.dtype | None = None):
+def training_step(model, batch, calibrate: int, sparse_stage: bool = True, bf16: bool = False):
     """-> a function running one forward + backward + AdamW step, every DSA layer in its sparse stage (or
     in the dense warm-up, where the indexer trains on full causal rows).
 
     First `calibrate` forward passes let adaptive budgets reach their target (their dual ascent runs
     after each step), so the timing compares equal compute. The optimizer runs with lr 0: the step does
     all its arithmetic, but the weights (and with them MoE routing and the adaptive budgets) stay where
-    calibration left them instead of drifting on the one repeated batch. `autocast`: the dtype of mixed
-    precision (as `trainer.precision=bf16-mixed` trains), or None for the weights' own.
+    calibration left them instead of drifting on the one repeated batch. `bf16`: under bf16 autocast, as
+    `trainer.precision=bf16-mixed` trains (else in the weights' own dtype).
     """
     model.set_sparse_stage(sparse_stage)
     opt = torch.optim.AdamW(model.parameters(), lr=0.0)
     inputs, targets = split_batch(batch)
     device = inputs.device
-    mixed = torch.autocast(device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None)
+    mixed = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
     with torch.no_grad(), mixed:
         for _ in range(calibrate if sparse_stage and any(True for _ in model.sparse_layers()) else 0):
             _, aux = model(inputs)
@@ -184,7 +184,6 @@ def parse_args() -> argparse.Namespace:
 
 def build_steps(args, device: torch.device) -> tuple[list, list[list[str]]]:
     """-> every model's training step (on `device`), and the overrides each took."""
-    autocast = None if args.dtype == "float32" else torch.bfloat16
     steps, applied = [], []
     for name in tqdm(args.models, desc="build + calibrate"):
         # same seed for every model: shared weights (budgets draw no random numbers) and the same batch,
@@ -194,7 +193,8 @@ def build_steps(args, device: torch.device) -> tuple[list, list[list[str]]]:
         applied.append(used)
         tokens = torch.randint(0, cfg.data.vocab_size, (args.batch, args.seq_len + 1)).to(device)
         sparse_stage = args.stage == "sparse"
-        steps.append(training_step(model.to(device), {"tokens": tokens}, args.calibrate, sparse_stage, autocast))
+        bf16 = args.dtype == "bfloat16"
+        steps.append(training_step(model.to(device), {"tokens": tokens}, args.calibrate, sparse_stage, bf16))
     return steps, applied
 
 
