@@ -19,19 +19,26 @@ from adaptive_attn.lit.convergence import ConvergenceTracker
 SUMMARY_SPARSITY = ("equivalent_keep", "pairs_share", "attn_mass_recall", "attn_mass_recall_random", "indexer_kl")
 
 
-def code_version() -> str | None:
-    """The commit the package was loaded from, "-dirty" when the checkout had changes; None outside git."""
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def code_version(where: Path = PACKAGE_DIR) -> str | None:
+    """The commit of the checkout at `where` (the package's), "-dirty" when a tracked file outside `results/`
+    has uncommitted changes: runs write their results into the checkout, and those do not change the code.
+    None outside git."""
+
+    def git(*args: str) -> str:
+        out = subprocess.run(["git", *args], cwd=where, capture_output=True, text=True, timeout=10)
+        return out.stdout.strip()
+
     try:
-        out = subprocess.run(
-            ["git", "describe", "--always", "--dirty", "--abbrev=40"],
-            cwd=Path(__file__).resolve().parent,
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
+        commit = git("rev-parse", "HEAD")
+        changed = git("status", "--porcelain", "--untracked-files=no", "--", ":(top)", ":(top,exclude)results")
     except (OSError, subprocess.TimeoutExpired):
         return None
-    return out.stdout.strip() or None
+    if not commit:
+        return None
+    return commit + "-dirty" if changed else commit
 
 
 CODE_VERSION = code_version()  # at import: a sweep's later jobs run the code its process loaded

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from adaptive_attn.runner import run
+from adaptive_attn.summary import code_version
 
 
 def test_quick_text_run_writes_a_complete_summary(compose_cfg):
@@ -24,6 +25,35 @@ def test_quick_text_run_writes_a_complete_summary(compose_cfg):
     if shutil.which("git") and (Path(__file__).parent.parent / ".git").exists():  # a git checkout: its commit
         head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent)
         assert on_disk["code_version"].removesuffix("-dirty") == head.stdout.strip()
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
+def test_code_version_is_dirty_for_changed_code_and_not_for_results_written_into_the_checkout(tmp_path):
+    repo, plain = tmp_path / "repo", tmp_path / "plain"
+
+    def git(*args):
+        out = subprocess.run(
+            ["git", "-c", "user.name=t", "-c", "user.email=t@t", *args],
+            cwd=repo,
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+        return out.stdout.strip()
+
+    for path in ("adaptive_attn/model.py", "results/run/summary.json"):
+        (repo / path).parent.mkdir(parents=True)
+        (repo / path).write_text("0")
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-q", "-m", "x")
+    commit = git("rev-parse", "HEAD")
+    (repo / "results/run/summary.json").write_text("1")  # a sweep rewrote a committed run
+    assert code_version(repo / "adaptive_attn") == commit
+    (repo / "adaptive_attn/model.py").write_text("1")
+    assert code_version(repo / "adaptive_attn") == commit + "-dirty"
+    plain.mkdir()
+    assert code_version(plain) is None
 
 
 def test_quick_mqar_run_reports_answer_accuracy(compose_cfg):
