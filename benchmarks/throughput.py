@@ -185,6 +185,7 @@ def parse_args() -> argparse.Namespace:
 def build_steps(args, device: torch.device) -> tuple[list, list[list[str]]]:
     """-> every model's training step (on `device`), and the overrides each took."""
     steps, applied = [], []
+    sparse_stage, bf16 = args.stage == "sparse", args.dtype == "bfloat16"
     for name in tqdm(args.models, desc="build + calibrate"):
         # same seed for every model: shared weights (budgets draw no random numbers) and the same batch,
         # so MoE routing, and with it the expert GEMM sizes, differ only through attention
@@ -192,8 +193,6 @@ def build_steps(args, device: torch.device) -> tuple[list, list[list[str]]]:
         model, cfg, used = build_model(name, [f"seq_len={args.seq_len}", *args.overrides])
         applied.append(used)
         tokens = torch.randint(0, cfg.data.vocab_size, (args.batch, args.seq_len + 1)).to(device)
-        sparse_stage = args.stage == "sparse"
-        bf16 = args.dtype == "bfloat16"
         steps.append(training_step(model.to(device), {"tokens": tokens}, args.calibrate, sparse_stage, bf16))
     return steps, applied
 
