@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 from adaptive_attn.ops.layout import SparseLayout
 
-SLOT_TILE = 8  # a query gathers its used slots rounded up to a multiple of this (with 16, k = 65 gathers 80)
+SLOT_TILE = 8  # a query gathers its used slots rounded up to a multiple of this (small: k = 65 gathers 72)
 
 
 def width_chunks(widths: torch.Tensor, max_chunk: int, row_size: int) -> list[tuple[int, int, int]]:
@@ -55,7 +55,7 @@ def torch_token_attention(
 ):
     """q [B, H, L, D], latents [B, L, D], indices [B, L, K] -> (out [B, H, L, v_dim], slot probs [B, L, K]).
 
-    Each query gathers its used slots rounded up to a multiple of 8 (its width), so its arithmetic,
+    Each query gathers its used slots rounded up to a multiple of `SLOT_TILE` (its width), so its arithmetic,
     and with it every bit of its output, depends on its own selection alone, never on how many slots
     other queries use. Queries are processed in order of width, in chunks of one width: compute follows
     each query's own k, not the batch maximum. A chunk takes as many queries as keep its gathered
