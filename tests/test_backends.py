@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from adaptive_attn.ops import torch_block
 from adaptive_attn.ops.dispatch import resolve_backend, sparse_attention, triton_available
 from adaptive_attn.ops.torch_block import torch_block_attention
 from adaptive_attn.ops.torch_token import torch_token_attention
@@ -101,6 +102,30 @@ def test_block_backend_split_into_several_sdpa_calls_equals_reference(max_call):
     idx, layout = random_selection(2, 100, 3, 4, 8)
     q, latents, _ = float64_inputs(2, 3, 100, 10)
     assert_equals_reference(torch_block_attention, q, latents, idx, layout, max_call=max_call)
+
+
+@pytest.mark.parametrize("D", [8, 16])  # the rank mask in an extra column; in value factors
+@pytest.mark.parametrize("per_row", [False, True])  # one mask for all rows; a mask per row
+def test_calls_with_fewer_rows_than_threads_copy_the_key_head_and_equal_reference(monkeypatch, D, per_row):
+    """With more threads than rows in a call, the shared key head is copied (a divisor of the heads, here all
+    3): outputs and gradients, the rank mask's too, stay the reference's."""
+    idx, layout = random_selection(1, 96, 4, 8, 16, per_row=per_row)  # one sequence: calls of 1-3 rows
+    q, latents, _ = float64_inputs(1, 3, 96, D)
+    bias = torch.zeros(idx.shape, dtype=torch.float64, requires_grad=True)
+    copies = []
+    key_heads = torch_block.key_heads
+    monkeypatch.setattr(torch_block, "key_heads", lambda *a: copies.append(key_heads(*a)) or copies[-1])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(8)
+    try:
+        assert_equals_reference(torch_block_attention, q, latents, idx, layout)
+        ref = attention_and_grads("reference", q, latents, idx, layout, bias)
+        got = attention_and_grads(torch_block_attention, q, latents, idx, layout, bias)
+    finally:
+        torch.set_num_threads(threads)
+    assert_backends_agree(ref, got)
+    assert ref["dbias"].abs().max() > 0.01
+    assert copies and set(copies) == {3}
 
 
 @pytest.mark.parametrize("L,k", [(40, 12), (130, 50)])

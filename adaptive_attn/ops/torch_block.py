@@ -12,7 +12,10 @@ its heads. Three things keep the work close to the selection's own:
   (`row_groups`);
 - rows are reordered only when they are not in group order already (one copy each way), and inputs are cut
   with `split`, whose backward is one concatenation, rather than sliced per call, whose backward writes a
-  full-size zero gradient each time.
+  full-size zero gradient each time;
+- a call of fewer rows than CPU threads copies the shared key head (`key_heads`): SDPA's CPU backward is
+  several times slower on fewer (row, key head) pairs than threads, and such calls are common (the
+  whole-past rows after a drawn query block, budgets that vary per row).
 A group's rows share whether every slot is in use: then one mask serves them all, and a row's Q queries
 of H heads go to SDPA as one head of Q * H rows (one large product instead of H small ones). Otherwise
 each row needs its own mask, and the heads stay a dimension of SDPA with one shared key head (GQA), so
@@ -214,6 +217,17 @@ def prefix_attention(q, latents, indices, layout: SparseLayout, scale, v_dim):
     return o[..., :v_dim], mass.gather(-1, indices.clamp(min=0)) * (indices >= 0)  # per block -> per slot
 
 
+def key_heads(n: int, heads: int, device: torch.device) -> int:
+    """Key heads of one SDPA call over n rows: 1 (the key head all heads share), except where a CPU call would
+    hold fewer (row, key head) pairs than threads; then the fewest copies of it, a divisor of `heads`, that make
+    enough. SDPA's CPU backward runs one such pair on two threads several times slower than on one (a row of
+    128 queries x 4 heads over 1152 keys: 13 ms against 2.6)."""
+    if device.type != "cpu":
+        return 1
+    threads = torch.get_num_threads()
+    return next((s for s in range(1, heads + 1) if heads % s == 0 and n * s >= threads), heads)
+
+
 def gathered_attention(
     q, latents, indices, seqs, rows, slot_bias, shared: bool, layout: SparseLayout, scale, v_dim, zero_bias: bool
 ):
@@ -239,8 +253,13 @@ def gathered_attention(
         queries = torch.cat([queries, queries.new_ones(*queries.shape[:-1], 1)], dim=-1)
         keys = torch.cat([keys, (bias / scale).repeat_interleave(bs, -1).view(*keys.shape[:-1], 1)], dim=-1)
     values, carries_mass = indicator_values(keys, v_dim, w + m, bs, factor)
-    o = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, scale=scale, enable_gqa=not shared)
-    o = o.view(n, Q, H, -1) if shared else o.transpose(1, 2)
+    copies = key_heads(n, H, q.device)
+    if shared:
+        queries, mask = queries.reshape(n, copies, -1, queries.shape[-1]), mask.view(1, copies, -1, mask.shape[-1])
+    keys, values = keys.expand(-1, copies, -1, -1), values.expand(-1, copies, -1, -1)
+    gqa = queries.shape[1] != copies
+    o = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, scale=scale, enable_gqa=gqa)
+    o = o.reshape(n, Q, H, -1) if shared else o.transpose(1, 2)
     out = o[..., :v_dim]
     if through_values:  # d out / d b_j = (mass-weighted values of block j) - out * mass_j: the second term
         block_mass = o.detach()[..., v_dim : v_dim + w + m]  # [n, Q, H, w + m] per query and head
