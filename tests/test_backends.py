@@ -3,8 +3,9 @@
 import pytest
 import torch
 
-from adaptive_attn.ops import torch_block
+from adaptive_attn.ops import torch_block, torch_token
 from adaptive_attn.ops.dispatch import resolve_backend, sparse_attention, triton_available
+from adaptive_attn.ops.layout import SparseLayout
 from adaptive_attn.ops.torch_block import torch_block_attention
 from adaptive_attn.ops.torch_token import torch_token_attention
 from adaptive_attn.sparse import losses
@@ -34,8 +35,10 @@ def test_torch_token_backend_equals_reference(L, k, per_row):
 
 
 @pytest.mark.parametrize("max_chunk", [1, 3000, 2**22])
-def test_torch_token_attention_in_several_query_chunks_equals_reference(max_chunk):
-    idx, layout = random_selection(2, 90, 40, per_row=True)  # widths of 16, 32 and 48 slots
+@pytest.mark.parametrize("gather_max", [1, 2**20])  # a gather per chunk; one for all
+def test_torch_token_attention_in_several_query_chunks_equals_reference(monkeypatch, max_chunk, gather_max):
+    monkeypatch.setattr(torch_token, "GATHER_MAX", gather_max)
+    idx, layout = random_selection(2, 90, 40, per_row=True)  # widths of 8 to 40 slots
     q, latents, bias = float64_inputs(2, 3, 90, 10, idx.shape)
     assert_equals_reference(torch_token_attention, q, latents, idx, layout, bias, max_chunk=max_chunk)
 
@@ -126,6 +129,31 @@ def test_calls_with_fewer_rows_than_threads_copy_the_key_head_and_equal_referenc
     assert_backends_agree(ref, got)
     assert ref["dbias"].abs().max() > 0.01
     assert copies and set(copies) == {3}
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_a_rows_output_is_the_same_bits_in_a_call_of_any_size(shared):
+    """A call's size decides the key head copies (`key_heads`), and other rows' budgets decide a call's size:
+    a row's output must not change in a single bit with it (float32, 2 and 4 threads)."""
+    layout = SparseLayout(1024, 64, 128)
+    q, latents = torch.randn(3, 128, 4, 48), torch.randn(1, 1024, 48)
+    indices = torch.tensor([[0, 3, 5, 7], [1, 2, 4, 6], [0, 1, 2, 8]])
+    if not shared:
+        indices[:, -1] = -1
+    rows, seqs = torch.tensor([5, 6, 7]), torch.zeros(3, dtype=torch.long)
+    threads = torch.get_num_threads()
+    try:
+        for n_threads in (2, 4):
+            torch.set_num_threads(n_threads)
+            outs = [
+                torch_block.gathered_attention(
+                    q[:n], latents, indices[:n], seqs[:n], rows[:n], None, shared, layout, 0.1, 32, False
+                )[0][0]
+                for n in (1, 2, 3)
+            ]
+            assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("L,k", [(40, 12), (130, 50)])

@@ -59,12 +59,12 @@ def whole_past_query_blocks(used: torch.Tensor, layout: SparseLayout) -> int:
     return int((used == layout.n_eligible).all(0).long().cumprod(0).sum())
 
 
-def slot_widths(used: torch.Tensor) -> torch.Tensor:
-    """The slots each row gathers for the n blocks it uses: n rounded up to a multiple of
-    2^(floor(log2 n) - 3), at most 1/8 more, so that budgets that vary a little share a width."""
+def slot_widths(used: torch.Tensor, least_step: int = 1) -> torch.Tensor:
+    """The slots each row gathers for the n it uses: n rounded up to a multiple of 2^(floor(log2 n) - 3), at most
+    1/8 more, or of `least_step` where that is larger, so that budgets that vary a little share a width."""
     n = used.long()
     bit_length = torch.floor(torch.log2(n.clamp_min(1).double())).long() + 1
-    step = 1 << (bit_length - 4).clamp_min(0)
+    step = (1 << (bit_length - 4).clamp_min(0)).clamp_min(least_step)
     return (n + step - 1) // step * step
 
 

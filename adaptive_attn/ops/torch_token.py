@@ -4,8 +4,10 @@ import torch
 import torch.nn.functional as F
 
 from adaptive_attn.ops.layout import SparseLayout
+from adaptive_attn.ops.torch_block import slot_widths, split
 
-SLOT_TILE = 8  # a query gathers its used slots rounded up to a multiple of this (small: k = 65 gathers 72)
+SLOT_TILE = 8  # a query's slots round up to a multiple of at least this (small: k = 65 gathers 72)
+GATHER_MAX = 2**20  # elements one gather takes at most (several chunks): few scatter-adds in backward, gathers in cache
 
 
 def width_chunks(widths: torch.Tensor, max_chunk: int, row_size: int) -> list[tuple[int, int, int]]:
@@ -18,6 +20,25 @@ def width_chunks(widths: torch.Tensor, max_chunk: int, row_size: int) -> list[tu
         chunks += [(c, min(c + step, c0 + count), width) for c in range(c0, c0 + count, step)]
         c0 += count
     return chunks
+
+
+def gather_groups(slots: list[torch.Tensor], max_rows: int) -> list[list[torch.Tensor]]:
+    """Consecutive chunks' slots [C, n], grouped so that a group gathers at most `max_rows` rows (or one chunk):
+    one gather per group, since the backward of a gather (a scatter-add) has a large fixed cost on a CPU."""
+    groups, rows = [], max_rows
+    for idx in slots:
+        if rows + idx.numel() > max_rows:
+            groups.append([])
+            rows = 0
+        groups[-1].append(idx)
+        rows += idx.numel()
+    return groups
+
+
+def gathered_keys(flat_latents: torch.Tensor, slots: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Latent rows [N, D] at each chunk's slots [C, n] (-1 reads row 0, masked later) -> [C, n, D] per chunk."""
+    keys = flat_latents.index_select(0, torch.cat([idx.flatten() for idx in slots]).clamp(min=0))
+    return [k.view(*idx.shape, -1) for k, idx in zip(split(keys, [idx.numel() for idx in slots]), slots)]
 
 
 class GatheredAttention(torch.autograd.Function):
@@ -55,19 +76,20 @@ def torch_token_attention(
 ):
     """q [B, H, L, D], latents [B, L, D], indices [B, L, K] -> (out [B, H, L, v_dim], slot probs [B, L, K]).
 
-    Each query gathers its used slots rounded up to a multiple of `SLOT_TILE` (its width), so its arithmetic,
-    and with it every bit of its output, depends on its own selection alone, never on how many slots
-    other queries use. Queries are processed in order of width, in chunks of one width: compute follows
-    each query's own k, not the batch maximum. A chunk takes as many queries as keep its gathered
-    elements within `max_chunk`: few, large calls (each call has a fixed cost, large on small CPUs),
-    yet gathers that stay in cache when k is large.
+    Each query gathers its used slots rounded up to its width (`slot_widths`: a multiple of `SLOT_TILE`, and
+    from 128 slots on at most 1/8 more, so that long rows take few widths), so its arithmetic, and with it
+    every bit of its output, depends on its own selection alone, never on how many slots other queries
+    use. Queries are processed in order of width, in chunks of one width: compute follows each query's own
+    k, not the batch maximum. A chunk takes as many queries as keep its gathered elements within
+    `max_chunk`: few, large calls (each call has a fixed cost, large on small CPUs), yet gathers that stay
+    in cache when k is large; consecutive small chunks share one gather (`GATHER_MAX`).
     """
     B, H, L, D = q.shape
     K = indices.shape[-1]
-    pad = -K % SLOT_TILE
+    pad = int(slot_widths(torch.tensor(K), SLOT_TILE)) - K  # room for every query's width
     entries = F.pad(indices, (0, pad), value=-1)
     entries = (entries + torch.arange(B, device=q.device)[:, None, None] * L).masked_fill(entries < 0, -1)
-    widths = ((indices >= 0).sum(-1).flatten().clamp(min=1) + SLOT_TILE - 1) // SLOT_TILE * SLOT_TILE  # [B*L]
+    widths = slot_widths((indices >= 0).sum(-1).flatten().clamp(min=1), SLOT_TILE)  # [B*L]
     order = widths.argsort(stable=True)
     entries = entries.view(B * L, K + pad)[order]  # slot -1 reads entry 0 and is masked
     # scaled here, not by baddbmm's alpha, whose backward scales the larger gradient of the gathered keys
@@ -80,9 +102,11 @@ def torch_token_attention(
     slot_probs = q.new_zeros(B * L, K + pad)
     chunks, spans = [], width_chunks(widths[order], max_chunk, D)
     sizes = [c1 - c0 for c0, c1, _ in spans]  # split, not slices: a slice's backward writes a full-size gradient
-    for (c0, c1, n), q_chunk, bias_chunk in zip(spans, q_sorted.split(sizes), bias.split(sizes)):
-        idx = entries[c0:c1, :n]
-        keys = flat_latents.index_select(0, idx.clamp(min=0).flatten()).view(c1 - c0, n, -1)  # [C, n, D]
+    slots = [entries[c0:c1, :n] for c0, c1, n in spans]
+    all_keys = (keys for part in gather_groups(slots, GATHER_MAX // D) for keys in gathered_keys(flat_latents, part))
+    for (c0, c1, n), idx, keys, q_chunk, bias_chunk in zip(
+        spans, slots, all_keys, q_sorted.split(sizes), bias.split(sizes)
+    ):
         out, probs = GatheredAttention.apply(q_chunk, keys, bias_chunk[..., :n], idx < 0, v_dim)
         slot_probs[order[c0:c1], :n] = probs.mean(1).to(slot_probs.dtype)  # autocast: probs may be bf16
         chunks.append(out)
