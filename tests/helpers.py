@@ -1,5 +1,7 @@
 """Helpers shared by the tests: tiny models, random selections, backend comparisons, causality."""
 
+import contextlib
+
 import torch
 
 from adaptive_attn.ops.dispatch import sparse_attention
@@ -92,3 +94,14 @@ def assert_causal(model, seq_len, vocab=50, batch=2, cuts=None, device="cpu") ->
                 out = forward(changed)
                 assert torch.equal(out[:, : t + 1], base[:, : t + 1]), f"position <= {t} saw the future (train={mode})"
                 assert not torch.equal(out[:, t + 1 :], base[:, t + 1 :])
+
+
+@contextlib.contextmanager
+def cpu_threads(n: int):
+    """torch's CPU threads set to n inside the block, restored after it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

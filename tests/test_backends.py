@@ -9,7 +9,7 @@ from adaptive_attn.ops.layout import SparseLayout
 from adaptive_attn.ops.torch_block import torch_block_attention
 from adaptive_attn.ops.torch_token import torch_token_attention
 from adaptive_attn.sparse import losses
-from tests.helpers import assert_backends_agree, attention_and_grads, random_selection
+from tests.helpers import assert_backends_agree, attention_and_grads, cpu_threads, random_selection
 
 
 def float64_inputs(B, H, L, D, bias_shape=None):
@@ -118,14 +118,10 @@ def test_calls_with_fewer_rows_than_threads_copy_the_key_head_and_equal_referenc
     copies = []
     key_heads = torch_block.key_heads
     monkeypatch.setattr(torch_block, "key_heads", lambda *a: copies.append(key_heads(*a)) or copies[-1])
-    threads = torch.get_num_threads()
-    torch.set_num_threads(8)
-    try:
+    with cpu_threads(8):
         assert_equals_reference(torch_block_attention, q, latents, idx, layout)
         ref = attention_and_grads("reference", q, latents, idx, layout, bias)
         got = attention_and_grads(torch_block_attention, q, latents, idx, layout, bias)
-    finally:
-        torch.set_num_threads(threads)
     assert_backends_agree(ref, got)
     assert ref["dbias"].abs().max() > 0.01
     assert copies and set(copies) == {3}
@@ -141,19 +137,15 @@ def test_a_rows_output_is_the_same_bits_in_a_call_of_any_size(shared):
     if not shared:
         indices[:, -1] = -1
     rows, seqs = torch.tensor([5, 6, 7]), torch.zeros(3, dtype=torch.long)
-    threads = torch.get_num_threads()
-    try:
-        for n_threads in (2, 4):
-            torch.set_num_threads(n_threads)
+    for n_threads in (2, 4):
+        with cpu_threads(n_threads):
             outs = [
                 torch_block.gathered_attention(
                     q[:n], latents, indices[:n], seqs[:n], rows[:n], None, shared, layout, 0.1, 32, False
                 )[0][0]
                 for n in (1, 2, 3)
             ]
-            assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
-    finally:
-        torch.set_num_threads(threads)
+        assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
 
 
 @pytest.mark.parametrize("L,k", [(40, 12), (130, 50)])

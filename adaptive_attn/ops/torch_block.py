@@ -2,7 +2,7 @@
 backward is reused, so compute follows k.
 
 Each (sequence, query block) row attends its selected key blocks and its own diagonal blocks, with all
-its heads. Three things keep the work close to the selection's own:
+its heads. Four things keep the work close to the selection's own:
 - the leading query blocks that selected every block before them, in every sequence, take one causal
   SDPA over their prefix (`whole_past_query_blocks`): no gather, no mask, only the causal half computed;
 - the other rows are grouped by slot width (`slot_widths`: a row's own count, rounded up by at most 1/8)
@@ -20,7 +20,8 @@ A group's rows share whether every slot is in use: then one mask serves them all
 of H heads go to SDPA as one head of Q * H rows (one large product instead of H small ones). Otherwise
 each row needs its own mask, and the heads stay a dimension of SDPA with one shared key head (GQA), so
 the mask is [Q, S] per row rather than repeated per head. Every grouping key is a property of the row
-alone, so a row's arithmetic never depends on other rows' budgets.
+alone, so a row's arithmetic never depends on other rows' budgets (the key head copies depend on a call's
+size, but a row's output is the same bits with any number of them).
 
 A slot bias b_j adds to the logits of slot j's keys; only the rows marked `biased_rows` pay for it. The
 adaptive budget's rank mask is 0 in value and needs only its gradient, sum over queries i and keys s of
