@@ -100,12 +100,9 @@ def test_throughput_benchmark_times_the_warm_up_stage(tmp_path):
     assert fixed["stage"] == "warmup" and fixed["pairs_share"] == 1.0 and fixed["equivalent_keep"] == 1.0
     assert fixed["dtype"] == "float32" and fixed["device"].startswith("cpu")
     ms = fixed["breakdown_ms"]
-    assert (
-        ms["dense_attention"] > 0
-        and ms["indexer"] > 0
-        and ms["indexer_kl"] > 0
-        and ms["sparse_attention"] < ms["dense_attention"]
-    )
+    # attention is dense and the indexer trains; nothing picks keys yet (no budget, no top-k)
+    assert ms["dense_attention"] > 0 and ms["indexer"] > 0 and ms["indexer_kl"] > 0
+    assert ms["budget"] == 0 and ms["selection"] == 0
     assert "amdahl_bound" not in fixed and "attention_share" not in dense
 
 
