@@ -11,6 +11,7 @@ import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from adaptive_attn.atomic import write_atomically
 from adaptive_attn.data.domains import TEXT_DOMAINS
 from adaptive_attn.data.synthetic import TASKS
 from adaptive_attn.lit.callbacks import SparsityStats, SpeedMonitor, peak_memory_bytes
@@ -126,6 +127,4 @@ def write_k_vs_difficulty(trainer: L.Trainer, out_dir: Path) -> None:
 
 
 def write_json(path: Path, payload: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=str))
-    tmp.replace(path)
+    write_atomically(path, lambda tmp: tmp.write_text(json.dumps(payload, indent=2, default=str)))

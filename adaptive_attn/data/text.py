@@ -19,6 +19,8 @@ import torch
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from adaptive_attn.atomic import write_atomically
+
 BYTE_VOCAB = 257
 END_OF_DOC = 256
 CACHE_DIR = Path.home() / ".cache" / "adaptive_attn"
@@ -125,8 +127,7 @@ class BPETokenizer:
                 vocab_size=vocab_size, special_tokens=["<|eod|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
             )
             self.tok.train([str(f) for f in train_files], trainer)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self.tok.save(str(path))
+            write_atomically(path, lambda tmp: self.tok.save(str(tmp)))
         self.eos_id = self.tok.token_to_id("<|eod|>")
 
     def encode_documents(self, texts: list[bytes]) -> np.ndarray:
@@ -158,10 +159,7 @@ def tokenize_documents(key: str, make_documents, tokenizer, cache_dir: Path = CA
     if path.exists():
         return np.load(path)
     tokens = tokenizer.encode_documents(make_documents())
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.npy")
-    np.save(tmp, tokens)
-    tmp.replace(path)
+    write_atomically(path, lambda tmp: np.save(tmp, tokens))
     return tokens
 
 
