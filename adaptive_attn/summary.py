@@ -11,7 +11,7 @@ import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from adaptive_attn.atomic import write_atomically
+from adaptive_attn.data.atomic import write_atomically
 from adaptive_attn.data.domains import TEXT_DOMAINS
 from adaptive_attn.data.synthetic import TASKS
 from adaptive_attn.lit.callbacks import SparsityStats, SpeedMonitor, peak_memory_bytes

@@ -20,6 +20,7 @@ import torch
 from omegaconf import DictConfig
 
 from adaptive_attn.config import ConfigError, is_dense
+from adaptive_attn.data.atomic import write_atomically
 from adaptive_attn.lit.loggers import keep_rows_before
 from adaptive_attn.resume import RECORD, differences
 
@@ -148,7 +149,6 @@ def branch(source: tuple[Path, dict], module: L.LightningModule, out_dir: Path) 
         "callbacks": {k: v for k, v in saved.get("callbacks", {}).items() if not k.startswith("ModelCheckpoint")},
     }
     target = out_dir / "checkpoints" / "warm_start.ckpt"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(branched, target)
+    write_atomically(target, lambda tmp: torch.save(branched, tmp))
     own_only = sorted(set(own) - set(saved["state_dict"]))
     return str(target), {"checkpoint": str(path), "steps": int(saved["global_step"]), "own_parameters": own_only}

@@ -5,7 +5,7 @@ import threading
 import numpy as np
 import pytest
 
-from adaptive_attn.atomic import write_atomically
+from adaptive_attn.data.atomic import write_atomically
 from adaptive_attn.data.text import ByteTokenizer, tokenize_documents
 
 

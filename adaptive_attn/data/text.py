@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from adaptive_attn.atomic import write_atomically
+from adaptive_attn.data.atomic import write_atomically
 
 BYTE_VOCAB = 257
 END_OF_DOC = 256
