@@ -5,6 +5,7 @@ from pathlib import Path
 import pandas as pd
 
 from adaptive_attn.analysis.results import aggregate, load_curves, load_k_vs_difficulty
+from adaptive_attn.data.atomic import write_atomically
 
 
 def save(fig, path: Path, title: str | None = None) -> Path:
@@ -13,7 +14,7 @@ def save(fig, path: Path, title: str | None = None) -> Path:
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=110))
     plt.close(fig)
     return path
 

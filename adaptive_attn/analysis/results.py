@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from adaptive_attn.data.atomic import write_atomically
 from adaptive_attn.data.synthetic import TASKS
 
 METRICS = [
@@ -234,7 +235,8 @@ def analyse(sweep_dir: str | Path, out_dir: str | Path | None = None, plots: boo
     runs = load_runs(sweep_dir)
     out_dir = Path(out_dir or sweep_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    runs.to_csv(out_dir / "results.csv", index=False)
+    # the lanes of a grid that share a sweep directory each write these when they end
+    write_atomically(out_dir / "results.csv", lambda tmp: runs.to_csv(tmp, index=False))
     lines = [
         f"# Sweep {sweep_dir}",
         "",
@@ -259,5 +261,5 @@ def analyse(sweep_dir: str | Path, out_dir: str | Path | None = None, plots: boo
             failed[[c for c in ("run_dir", "status", "steps", "error") if c in failed]].to_markdown(index=False),
             "",
         ]
-    (out_dir / "summary.md").write_text("\n".join(lines))
+    write_atomically(out_dir / "summary.md", lambda tmp: tmp.write_text("\n".join(lines)))
     return runs
