@@ -12,6 +12,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from adaptive_attn.config import ConfigError
+from adaptive_attn.data.atomic import write_atomically
 from adaptive_attn.lit.loggers import keep_rows_before
 
 IDENTITY = ("model", "data", "seq_len", "seed", "module")  # what makes a run this run
@@ -84,7 +85,8 @@ def record_run(cfg: DictConfig, out_dir: Path) -> None:
     """Write what defines the run, once (a resume leaves the record as it was)."""
     record = out_dir / RECORD
     if not record.exists():
-        OmegaConf.save(OmegaConf.create({k: OmegaConf.to_container(cfg, resolve=False)[k] for k in IDENTITY}), record)
+        identity = OmegaConf.create({k: OmegaConf.to_container(cfg, resolve=False)[k] for k in IDENTITY})
+        write_atomically(record, lambda tmp: OmegaConf.save(identity, tmp))
 
 
 def drop_rows_past(checkpoint: str, out_dir: Path) -> None:

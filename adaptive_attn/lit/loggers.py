@@ -7,6 +7,8 @@ from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
+from adaptive_attn.data.atomic import write_atomically
+
 
 class _AppendingWriter(ExperimentWriter):
     """Lightning's writer deletes an existing metrics.csv; this one appends to it, under its header."""
@@ -36,8 +38,11 @@ def keep_rows_before(source: Path, step: int, target: Path) -> None:
         reader = csv.DictReader(f)
         rows = [row for row in reader if row.get("step") and int(row["step"]) < step]
         fields = reader.fieldnames or []
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with target.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
+
+    def write(tmp: Path) -> None:
+        with tmp.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(rows)
+
+    write_atomically(target, write)  # a process killed while rewriting the log in place must not lose it
