@@ -18,7 +18,7 @@ def record_file(label: str) -> Path:
     elif "token mode" in label:
         name = f"token_L{length}"
     else:
-        name = f"{label.split(',')[0].split(' ')[0]}_L{length}"
+        name = re.match(r"\w+", label).group() + f"_L{length}"  # research, default
     return ROOT / "results" / f"throughput_cpu_{name}.json"
 
 
