@@ -15,7 +15,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, read_write
 
 from adaptive_attn.config import CONF_DIR, ConfigError, check_group_overrides, fail, validate
 from adaptive_attn.resume import check_same_run, checkpoint_to_resume
@@ -59,9 +59,11 @@ def precheck(argv: list[str]) -> None:
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         cfg = compose("train", overrides=argv, return_hydra_config=True)
     OmegaConf.set_struct(cfg, False)
-    cfg.hydra.runtime.output_dir = cfg.hydra.run.dir
-    HydraConfig.instance().set_config(cfg)
+    HydraConfig.instance().set_config(cfg)  # hydra.run.dir reads ${hydra:runtime.choices.model}
     out_dir = Path(cfg.hydra.run.dir)
+    with read_write(cfg.hydra):  # set_config made it read-only
+        cfg.hydra.runtime.output_dir = str(out_dir)
+    HydraConfig.instance().set_config(cfg)  # for ${hydra:runtime.output_dir}
     validate(cfg)
     check_same_run(cfg, out_dir, checkpoint_to_resume(cfg, out_dir))
     GlobalHydra.instance().clear()

@@ -141,6 +141,21 @@ def test_cli_rejects_bad_values_before_training(tmp_path, args, needle):
     assert not (tmp_path / "run").exists()  # nothing written, not even the run directory
 
 
+def test_cli_checks_a_run_in_its_default_directory_before_training(tmp_path):
+    """Without `hydra.run.dir` the check resolves the default one, which names the model through Hydra's
+    runtime choices: a bad value still gets its one line, and no `outputs/` is created."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "adaptive_attn.train", "model.n_heads=7"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
+    assert proc.returncode != 0
+    assert proc.stderr.strip().startswith("error: model.n_heads=7 is invalid"), proc.stderr
+    assert "\n" not in proc.stderr.strip() and not (tmp_path / "outputs").exists()
+
+
 def test_wandb_is_offline_without_credentials_or_server_and_respects_wandb_mode(monkeypatch, tmp_path, capsys):
     from adaptive_attn import config
     from adaptive_attn.config import wandb_offline
