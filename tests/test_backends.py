@@ -163,6 +163,30 @@ def test_biased_block_attention_equals_reference():
     assert_equals_reference("torch", q, latents, idx, layout, bias)
 
 
+@pytest.mark.parametrize("zero", [True, False])  # the rank mask (value 0); any bias
+def test_biased_rows_among_the_whole_past_keep_the_prefix_call_and_equal_reference(monkeypatch, zero):
+    """Query blocks 0-2 select their whole past (k = 4 blocks); flagging blocks 1 and 2 keeps them in the
+    prefix's one causal call (each bias in a key column of its own) with the reference's outputs and gradients."""
+    idx, layout = random_selection(2, 128, 4, 8, 16)
+    q, latents, bias = float64_inputs(2, 3, 128, 10, idx.shape)
+    if zero:
+        bias = torch.zeros(idx.shape, dtype=torch.float64, requires_grad=True)
+    flagged = torch.tensor([False, True, True, False, False, True, False, False])
+    prefix_rows = []
+    prefix = torch_block.prefix_attention
+
+    def counted(q, lat, idx, *args):
+        prefix_rows.append(idx.shape[1])
+        return prefix(q, lat, idx, *args)
+
+    monkeypatch.setattr(torch_block, "prefix_attention", counted)
+    weight = flagged.double()[None, :, None]
+    ref = attention_and_grads("reference", q, latents, idx, layout, bias, weight=weight)
+    got = attention_and_grads(torch_block_attention, q, latents, idx, layout, bias, weight=weight, biased_rows=flagged)
+    assert_backends_agree(ref, got)
+    assert prefix_rows == [3] and ref["dbias"][:, 1:3].abs().max() > 0.01
+
+
 def test_full_selection_equals_dense_causal_attention():
     idx, layout = random_selection(2, 50, 50)
     q, latents, _ = float64_inputs(2, 3, 50, 8)
@@ -232,7 +256,8 @@ def test_block_backend_skips_the_bias_column_only_where_the_bias_is_zero():
     [
         (96, 8, 16, 4, 16, False, "all"),  # 10 free columns: every call's blocks, the causal prefix's too
         (100, 4, 8, 4, 10, True, "some"),  # 4 free columns and the bias one: up to 3 slots (+2 diagonal) only
-        (300, 2, 8, 5, 7, False, "none"),  # one free column and the bias one: not even 4 diagonal blocks
+        (300, 2, 8, 3, 7, False, "none"),  # one free column and the bias one: not even 4 diagonal blocks
+        (300, 2, 8, 5, 7, False, "prefix"),  # the same, but query block 1 selects its whole past: a prefix call
     ],
 )
 def test_block_backend_returns_each_selected_blocks_attention_mass(L, block, qblock, kb, D, per_row, fits):
@@ -253,6 +278,8 @@ def test_block_backend_returns_each_selected_blocks_attention_mass(L, block, qbl
     known = ~mass[..., 0].isnan()
     selecting = idx[..., 0] >= 0
     assert bool(known[selecting].all()) == (fits == "all") and known[selecting].any()
+    if fits == "prefix":  # whose bias columns (one per query block, 8 in all) leave room for the indicators
+        assert bool(known[:, :2].all()) and not known[:, 2:].any()
     assert (mass[known] - expected[known]).abs().max() < 1e-10
 
 

@@ -4,7 +4,8 @@ backward is reused, so compute follows k.
 Each (sequence, query block) row attends its selected key blocks and its own diagonal blocks, with all
 its heads. Four things keep the work close to the selection's own:
 - the leading query blocks that selected every block before them, in every sequence, take one causal
-  SDPA over their prefix (`whole_past_query_blocks`): no gather, no mask, only the causal half computed;
+  SDPA over their prefix (`whole_past_query_blocks`): no gather, no mask, only the causal half computed
+  (a slot bias there rides in a key column per query block, so a biased block does not end the prefix);
 - the other rows are grouped by slot width (`slot_widths`: a row's own count, rounded up by at most 1/8)
   and, where a slot bias needs its own column (below), by whether it carries a gradient; each group takes
   one SDPA call (a few within `max_call` pairs), whichever sequences and positions its rows come from, so
@@ -111,13 +112,13 @@ def torch_block_attention(
     q_rows, latents = layout.pad(q.transpose(1, 2), 1), layout.pad(latents, 1)  # [B, Lp, H, D], [B, Lp, D]
     flags = torch.full((R,), slot_bias is not None, device=q.device) if biased_rows is None else biased_rows
     flags = flags & (slot_bias is not None)
-    first_biased = int(flags.nonzero()[0]) if flags.any() else R
-    n_prefix = min(whole_past_query_blocks((indices >= 0).sum(-1), layout), first_biased)
+    n_prefix = whole_past_query_blocks((indices >= 0).sum(-1), layout)
     n_prefix = n_prefix if n_prefix > 1 else 0  # one call instead of one per block, so from two blocks on
     q_prefix, q_rest = split(q_rows, [n_prefix * Q, (R - n_prefix) * Q], dim=1) if n_prefix else (None, q_rows)
     outs, masses = [], []
     if n_prefix:
-        o, mass = prefix_attention(q_prefix, latents, indices[:, :n_prefix], layout, scale, v_dim)
+        bias = slot_bias[:, :n_prefix] if bool(flags[:n_prefix].any()) else None
+        o, mass = prefix_attention(q_prefix, latents, indices[:, :n_prefix], layout, scale, v_dim, bias)
         outs.append(o)
         masses.append(mass)
     if n_prefix < R:
@@ -201,16 +202,25 @@ def mass_per_block(o: torch.Tensor, v_dim: int, n_blocks: int, real: torch.Tenso
     return (o.detach()[..., v_dim : v_dim + n_blocks].mean(2) * real[..., None]).sum(1)
 
 
-def prefix_attention(q, latents, indices, layout: SparseLayout, scale, v_dim):
+def prefix_attention(q, latents, indices, layout: SparseLayout, scale, v_dim, slot_bias=None):
     """The leading query blocks that selected their whole past: one causal SDPA over their prefix, no gather.
-    q [B, P, H, D], indices [B, n, K] (P = n query blocks) -> (out [B, P, H, v_dim], block mass [B, n, K])"""
+    q [B, P, H, D], indices and slot_bias [B, n, K] (P = n query blocks) -> (out [B, P, H, v_dim], block mass
+    [B, n, K]). Each query block's slot bias rides in a key column of its own, which only its queries read
+    (a one-hot query column), so a biased query block keeps the prefix's one call."""
     B, P, H, _ = q.shape
-    n, Q = indices.shape[1], layout.query_block
-    keys = latents[:, None, :P]
-    n_blocks = P // layout.block_size
-    values, carries_mass = indicator_values(keys, v_dim, n_blocks, layout.block_size)  # built once for all heads
+    n, Q, bs = indices.shape[1], layout.query_block, layout.block_size
+    queries, keys = q.transpose(1, 2), latents[:, None, :P]
+    n_blocks = P // bs
+    if slot_bias is not None:
+        per_block = layout.scatter_slots(slot_bias.to(q.dtype), indices, 0.0)[..., :n_blocks]  # [B, n, n_blocks]
+        columns = -(-n // 8) * 8  # whole multiples of 8, which GPU kernels need to stay fused
+        key_bias = F.pad(per_block / scale, (0, 0, 0, columns - n)).repeat_interleave(bs, -1).transpose(1, 2)
+        own_block = F.one_hot(torch.arange(P, device=q.device) // Q, columns).to(q.dtype)  # [P, columns]
+        queries = torch.cat([queries, own_block.expand(B, H, P, columns)], -1)
+        keys = torch.cat([keys, key_bias[:, None]], -1)
+    values, carries_mass = indicator_values(keys, v_dim, n_blocks, bs)  # built once for all heads
     keys, values = keys.expand(-1, H, -1, -1), values.expand(-1, H, -1, -1)
-    o = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, is_causal=True, scale=scale).transpose(1, 2)
+    o = F.scaled_dot_product_attention(queries, keys, values, is_causal=True, scale=scale).transpose(1, 2)
     if not carries_mass:
         return o[..., :v_dim], torch.full(indices.shape, float("nan"), dtype=o.dtype, device=o.device)
     real = (torch.arange(P, device=q.device) < layout.seq_len).view(n, Q)
