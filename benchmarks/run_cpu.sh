@@ -2,6 +2,7 @@
 # The CPU tables of README: op level (token mode up to L=2048, block mode up to 4096) and model level
 # (training steps timed in turns, with the component breakdown and Amdahl's bound).
 #   bash benchmarks/run_cpu.sh [OUT_DIR] [op|model|all]
+# REPEATS (default 9) sets the rounds of the block-mode model rows: more where a CPU's speed drifts a lot.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-results}
@@ -17,7 +18,7 @@ if [ "$PART" != model ]; then
       --json "$OUT/attention_cpu_token.json" | tee "$OUT/attention_cpu_token.txt"
 fi
 if [ "$PART" != op ]; then
-  MODELS="--models dense fixed25 adaptive --repeats 9 --calibrate 60 --breakdown"
+  MODELS="--models dense fixed25 adaptive --repeats ${REPEATS:-9} --calibrate 60 --breakdown"
   # the research model on text (block mode: key blocks of 64, query blocks of 128; at L=512, 16 and 32, since
   # keep 0.25 of 512 tokens is no more than a query block of 128 attends anyway)
   for spec in "512 8 16 32" "1024 4 64 128" "2048 2 64 128" "4096 1 64 128"; do
