@@ -15,8 +15,8 @@ its heads. Four things keep the work close to the selection's own:
   with `split`, whose backward is one concatenation, rather than sliced per call, whose backward writes a
   full-size zero gradient each time;
 - a call of fewer rows than CPU threads copies the shared key head (`key_heads`): SDPA's CPU backward is
-  several times slower on fewer (row, key head) pairs than threads, and such calls are common (the
-  whole-past rows after a drawn query block, budgets that vary per row).
+  several times slower on fewer (row, key head) pairs than threads, and budgets that vary per row make
+  such calls often.
 A group's rows share whether every slot is in use: then one mask serves them all, and a row's Q queries
 of H heads go to SDPA as one head of Q * H rows (one large product instead of H small ones). Otherwise
 each row needs its own mask, and the heads stay a dimension of SDPA with one shared key head (GQA), so
