@@ -6,6 +6,7 @@ find `checkpoints/last.ckpt` there, `auto` resumes it where there is one and sta
 are checked before anything is written.
 """
 
+import csv
 from pathlib import Path
 
 import torch
@@ -13,7 +14,6 @@ from omegaconf import DictConfig, OmegaConf
 
 from adaptive_attn.config import ConfigError
 from adaptive_attn.data.atomic import write_atomically
-from adaptive_attn.lit.loggers import keep_rows_before
 
 IDENTITY = ("model", "data", "seq_len", "seed", "module")  # what makes a run this run
 RECORD = "run_config.yaml"
@@ -96,3 +96,20 @@ def drop_rows_past(checkpoint: str, out_dir: Path) -> None:
     if log.is_file():
         step = torch.load(checkpoint, map_location="cpu", mmap=True, weights_only=False)["global_step"]
         keep_rows_before(log, step, log)
+
+
+def keep_rows_before(source: Path, step: int, target: Path) -> None:
+    """Write the rows of the metrics.csv `source` logged before `step`, under its header, to `target` (which
+    may be `source` itself)."""
+    with source.open(newline="") as f:
+        reader = csv.DictReader(f)
+        rows = [row for row in reader if row.get("step") and int(row["step"]) < step]
+        fields = reader.fieldnames or []
+
+    def write(tmp: Path) -> None:
+        with tmp.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(rows)
+
+    write_atomically(target, write)  # a process killed while rewriting the log in place must not lose it

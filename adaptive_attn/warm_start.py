@@ -21,8 +21,7 @@ from omegaconf import DictConfig
 
 from adaptive_attn.config import ConfigError, is_dense
 from adaptive_attn.data.atomic import write_atomically
-from adaptive_attn.lit.loggers import keep_rows_before
-from adaptive_attn.resume import RECORD, differences
+from adaptive_attn.resume import RECORD, differences, keep_rows_before
 
 FILE = "warmup_end.ckpt"
 BUDGET_KEYS = ("model._target_", "model.keep", "model.budget")  # what may differ between warm-up siblings
