@@ -46,10 +46,17 @@ def metric_steps(run_dir: Path) -> list[int]:
         return sorted({int(row["step"]) for row in csv.DictReader(f) if row.get("train/loss")})
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_a_signal_saves_a_checkpoint_and_the_resumed_run_ends_as_an_uninterrupted_one(tmp_path, signum):
-    full = train_cli(*LONGER, f"hydra.run.dir={tmp_path / 'full'}")
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> Path:
+    """The run directory of LONGER, run without a stop: what every interrupted and resumed run must end as."""
+    run_dir = tmp_path_factory.mktemp("uninterrupted")
+    full = train_cli(*LONGER, f"hydra.run.dir={run_dir}")
     assert full.returncode == 0, full.stderr[-2000:]
+    return run_dir
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_saves_a_checkpoint_and_the_resumed_run_ends_as_an_uninterrupted_one(tmp_path, signum, uninterrupted):
     stopped = train_cli(*LONGER, f"hydra.run.dir={tmp_path / 'run'}", stop_at=13, signum=signum)
     assert stopped.returncode == 128 + signum, stopped.stderr[-2000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
@@ -57,9 +64,9 @@ def test_a_signal_saves_a_checkpoint_and_the_resumed_run_ends_as_an_uninterrupte
     assert summary["resume_with"] == "ckpt_path=last" and (tmp_path / "run" / "checkpoints" / "last.ckpt").exists()
     resumed = train_cli(*LONGER, f"hydra.run.dir={tmp_path / 'run'}", "ckpt_path=last")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    done, reference = (json.loads((tmp_path / d / "summary.json").read_text()) for d in ("run", "full"))
+    done, reference = (json.loads((d / "summary.json").read_text()) for d in (tmp_path / "run", uninterrupted))
     assert done["status"] == "ok" and done["steps"] == 40 and done["val_loss"] == reference["val_loss"]
-    assert metric_steps(tmp_path / "run") == metric_steps(tmp_path / "full")  # the history before the stop too
+    assert metric_steps(tmp_path / "run") == metric_steps(uninterrupted)  # the history before the stop too
 
 
 def test_a_run_killed_outright_resumes_from_its_last_checkpoint_and_logs_each_step_once(tmp_path):
