@@ -15,7 +15,7 @@ from nbclient import NotebookClient
 
 from adaptive_attn.analysis import aggregate, analyse, load_runs, paired_comparison
 from adaptive_attn.analysis.plots import model_color
-from adaptive_attn.analysis.results import coverage
+from adaptive_attn.analysis.results import compute_spent, coverage
 from adaptive_attn.config import group_options
 from adaptive_attn.runner import run
 
@@ -124,6 +124,23 @@ def test_coverage_lists_the_finished_seeds_of_each_model_and_length():
     assert table.loc[("counting", "fixed10"), 64] == "2 (1 not ok)"
     assert table.loc[("counting", "fixed10"), 128] == ""  # never ran
     assert table.loc[("text", "dense"), 512] == "0" and table.loc[("counting", "dense"), 512] == ""
+
+
+def test_compute_spent_sums_the_job_hours_of_every_run_by_model_length_and_data_set():
+    runs = pd.DataFrame(
+        {
+            "data": ["counting"] * 4 + ["text"],
+            "model": ["dense", "dense", "fixed10", "fixed10", "dense"],
+            "seq_len": [64, 64, 64, 128, 512],
+            "wall_s": [1800.0, 3600.0, 7200.0, None, 900.0],  # the run killed outright recorded no time
+            "status": ["ok", "ok", "interrupted", "failed", "ok"],
+        }
+    )
+    table = compute_spent(runs).set_index(["data", "model"])
+    assert table.loc[("counting", "dense"), 64] == 1.5 and table.loc[("counting", "fixed10"), 64] == 2.0
+    assert table.loc[("counting", "dense"), 512] == ""  # never ran
+    assert table.loc[("counting", "all"), "all"] == 3.5 and table.loc[("text", "all"), 512] == 0.25
+    assert table.loc[("all", "all"), "all"] == 3.75 and table.loc[("all", "all"), 64] == 3.5
 
 
 def test_every_model_config_has_a_colour_of_its_own():

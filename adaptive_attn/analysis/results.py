@@ -161,6 +161,23 @@ def coverage(runs: pd.DataFrame) -> pd.DataFrame:
     return table.fillna("").rename_axis(columns=None).reset_index()
 
 
+def compute_spent(runs: pd.DataFrame) -> pd.DataFrame:
+    """What the runs cost: job-hours (the sum of their `wall_s`, every process that worked on a run) of each
+    (data, model) at each seq_len, then of each data set and of all; runs that did not finish count too."""
+    rows = ["data", "model"] if "data" in runs else ["model"]
+    hours = runs.assign(job_hours=runs["wall_s"].fillna(0) / 3600)
+    table = hours.pivot_table(index=rows, columns="seq_len", values="job_hours", aggfunc="sum")
+    table["all"] = table.sum(axis=1)
+    parts = [table]
+    if len(rows) == 2:
+        per_data = table.groupby(level=0).sum(min_count=1)
+        per_data.index = pd.MultiIndex.from_product([per_data.index, ["all"]])
+        parts.append(per_data)
+    all_runs = table.sum(min_count=1).to_frame(("all", "all") if len(rows) == 2 else "all").T
+    table = pd.concat([*parts, all_runs]).round(2)
+    return table.astype(object).where(table.notna(), "").rename_axis(index=rows, columns=None).reset_index()
+
+
 RUN_KEYS = ("data", "model", "seq_len", "seed")  # what names a run in a sweep (data where recorded)
 
 
@@ -245,6 +262,10 @@ def analyse(sweep_dir: str | Path, out_dir: str | Path | None = None, plots: boo
         "## what ran (seeds of the finished runs)",
         "",
         coverage(runs).to_markdown(index=False),
+        "",
+        f"## what it cost: {len(runs)} jobs, {runs['wall_s'].fillna(0).sum() / 3600:.2f} job-hours (sum of wall_s)",
+        "",
+        compute_spent(runs).to_markdown(index=False),
         "",
     ]
     if (runs["status"] == "ok").any():
