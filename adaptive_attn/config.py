@@ -6,7 +6,7 @@ import sys
 import urllib.parse
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from adaptive_attn.data.tasks import check_synthetic
 from adaptive_attn.data.text import check_tokenizer
@@ -19,6 +19,8 @@ from adaptive_attn.sparse.indexer import check_rope_dim
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 GROUPS = ("model", "data", "trainer", "logger", "callbacks", "experiment", "hydra/launcher")
 MAX_SEQ_LEN = 65536
+# Lightning's precisions (those of transformer-engine left out: not a dependency)
+PRECISIONS = ("32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true", "32", "16", "bf16", "64")
 
 
 def wandb_reachable(timeout: float = 3.0) -> bool:
@@ -164,6 +166,28 @@ def _validate_training(cfg: DictConfig) -> None:
     for key in ("trainer.limit_val_batches", "trainer.limit_test_batches"):
         _number_in(cfg, key, 0, lo_open=True)
     _number_in(cfg, "trainer.gradient_clip_val", 0)
+    precision = cfg_get(cfg, "trainer.precision")
+    _require(
+        str(precision) in PRECISIONS,
+        f"trainer.precision={precision!r} is invalid: choose one of {', '.join(PRECISIONS)}",
+    )
+    _check_devices(cfg)
+
+
+def _check_devices(cfg: DictConfig) -> None:
+    """trainer.devices as Lightning takes it: on a CPU a process count, on GPUs also -1 (all) or indices."""
+    devices, accelerator = cfg_get(cfg, "trainer.devices"), cfg_get(cfg, "trainer.accelerator")
+
+    def whole(d, lo: int) -> bool:
+        return isinstance(d, int) and not isinstance(d, bool) and d >= lo
+
+    indices = isinstance(devices, ListConfig) and len(devices) > 0 and all(whole(d, 0) for d in devices)
+    on_cpu = accelerator == "cpu"
+    allowed = "auto or an integer >= 1" if on_cpu else "auto, -1 (all), an integer >= 1 or a list of GPU indices"
+    _require(
+        devices == "auto" or whole(devices, 1) or not on_cpu and (devices == -1 or indices),
+        f"trainer.devices={devices!r} is invalid with trainer.accelerator={accelerator}: must be {allowed}",
+    )
 
 
 def _validate_machine(cfg: DictConfig) -> None:

@@ -97,16 +97,23 @@ def finished_summary(cfg: DictConfig, out_dir: Path) -> dict | None:
     return summary
 
 
+def preflight(cfg: DictConfig, out_dir: Path) -> tuple[str | None, dict | None, tuple[Path, dict] | None]:
+    """Every check of a run before any work -> (the checkpoint to resume from, the summary of a finished run
+    to skip, the warm-up to start from); ConfigError naming what is wrong."""
+    validate(cfg)
+    checkpoint = checkpoint_to_resume(cfg, out_dir)
+    check_same_run(cfg, out_dir, checkpoint)
+    done = finished_summary(cfg, out_dir)
+    warm = warm_start_source(cfg, out_dir) if checkpoint is None and done is None else None
+    return checkpoint, done, warm
+
+
 def run(cfg: DictConfig) -> dict:
     """Train and evaluate one configuration; leaves summary.json (status ok, failed or interrupted)."""
     start, trainer, extra = time.perf_counter(), None, {"started_at": time.time()}
     out_dir = Path(cfg.output_dir)
     try:
-        validate(cfg)
-        checkpoint = checkpoint_to_resume(cfg, out_dir)
-        check_same_run(cfg, out_dir, checkpoint)
-        done = finished_summary(cfg, out_dir)
-        warm = warm_start_source(cfg, out_dir) if checkpoint is None and done is None else None
+        checkpoint, done, warm = preflight(cfg, out_dir)
     except ConfigError as err:
         if HydraConfig.get().mode != RunMode.MULTIRUN:
             fail(str(err))  # a single run stops here, before any work

@@ -64,8 +64,13 @@ def precheck(argv: list[str]) -> None:
     with read_write(cfg.hydra):  # set_config made it read-only
         cfg.hydra.runtime.output_dir = str(out_dir)
     HydraConfig.instance().set_config(cfg)  # for ${hydra:runtime.output_dir}
-    validate(cfg)
-    check_same_run(cfg, out_dir, checkpoint_to_resume(cfg, out_dir))
+    if cfg.get("warm_start") is None:
+        validate(cfg)
+        check_same_run(cfg, out_dir, checkpoint_to_resume(cfg, out_dir))
+    else:  # a warm start's checks read the sibling's checkpoint, and need Lightning's modules to
+        from adaptive_attn.runner import preflight
+
+        preflight(cfg, out_dir)
     GlobalHydra.instance().clear()
 
 

@@ -86,6 +86,9 @@ BAD_VALUES = [
     ("module.dense_warmup_steps=-1", "module.dense_warmup_steps=-1 is invalid: must be an integer >= 0"),
     ("trainer.max_steps=0", "trainer.max_steps=0 is invalid: must be an integer >= 1"),
     ("trainer.val_check_interval=0", "trainer.val_check_interval=0 is invalid: must be an integer >= 1"),
+    ("trainer.precision=fp8", "trainer.precision='fp8' is invalid: choose one of 32-true, bf16-mixed"),
+    ("trainer.devices=0", "trainer.devices=0 is invalid with trainer.accelerator=cpu: must be auto or an integer"),
+    ("trainer.devices=[0]", "trainer.devices=[0] is invalid with trainer.accelerator=cpu"),
     ("data.batch_size=0", "data.batch_size=0 is invalid: must be an integer >= 1"),
     ("data.num_workers=-1", "data.num_workers=-1 is invalid: must be an integer >= 0"),
     ("data.tokenizer=words", "data.tokenizer='words' is invalid: choose byte or bpe"),
@@ -125,6 +128,8 @@ def test_bad_values_fail_validation_with_one_line(compose_cfg, override, needle)
         (["module.lr=abc"], "error: module.lr='abc' is invalid"),
         (["data.num_workers=-1"], "error: data.num_workers=-1 is invalid"),
         (["ckpt_path=last"], "error: ckpt_path=last: no checkpoints/last.ckpt in "),
+        (["trainer.precision=fp8"], "error: trainer.precision='fp8' is invalid"),
+        (["model=fixed25", "warm_start=fixed10"], "error: warm_start=fixed10: no file "),
     ]
     + ([] if torch.cuda.is_available() else [(["trainer=gpu"], "error: trainer.accelerator=gpu needs a CUDA GPU")]),
 )
