@@ -147,6 +147,10 @@ def _validate_architecture(cfg: DictConfig) -> None:
     _int_in(cfg, "model.n_layers", 1)
     rope_dim = _int_in(cfg, "model.rope_dim", 2)
     _require(rope_dim % 2 == 0, f"model.rope_dim={rope_dim} is invalid: must be even")
+    for key in ("model.head_dim", "model.v_head_dim"):  # null: d_model / n_heads, and head_dim
+        if cfg_get(cfg, key) is not None:
+            _int_in(cfg, key, 1)
+    _int_in(cfg, "model.q_rank", 0)
     _int_in(cfg, "model.kv_rank", 1)
     _int_in(cfg, "model.short_conv", 0)
     n_routed = _int_in(cfg, "model.moe.n_routed", 1)
@@ -163,6 +167,11 @@ def _validate_training(cfg: DictConfig) -> None:
     _number_in(cfg, "module.indexer_kl_weight", 0)
     _int_in(cfg, "trainer.max_steps", 1)
     _int_in(cfg, "trainer.val_check_interval", 1)
+    _int_in(cfg, "trainer.log_every_n_steps", 1)
+    if cfg_get(cfg, "callbacks.speed") is not None:
+        _int_in(cfg, "callbacks.speed.breakdown_every", 0)
+    eval_untrained = cfg.get("eval_untrained", False)
+    _require(isinstance(eval_untrained, bool), f"eval_untrained={eval_untrained!r} is invalid: must be true or false")
     for key in ("trainer.limit_val_batches", "trainer.limit_test_batches"):
         _number_in(cfg, key, 0, lo_open=True)
     _number_in(cfg, "trainer.gradient_clip_val", 0)
@@ -211,7 +220,17 @@ def _validate_machine(cfg: DictConfig) -> None:
 
 def _validate_budget(cfg: DictConfig) -> None:
     budget = cfg.model.budget
+    if "lo" in budget and "hi" in budget:
+        lo, hi = _number_in(cfg, "model.budget.lo", 0, 1), _number_in(cfg, "model.budget.hi", 0, 1, lo_open=True)
+        _require(lo < hi, f"model.budget.lo={lo} is invalid: must be below model.budget.hi={hi}")
     _rule(check_target, budget.get("target"), budget.get("lo", 0.0), budget.get("hi", 1.0))
+    for key in ("dual_lr", "lr"):  # the dual ascent's step (the controller's, top-p's)
+        if key in budget:
+            _number_in(cfg, f"model.budget.{key}", 0)
+    if "p_init" in budget:
+        _number_in(cfg, "model.budget.p_init", 0, 1, lo_open=True)
+    if "reference_len" in budget:
+        _int_in(cfg, "model.budget.reference_len", 2)
     if "query_stride" in budget:
         _rule(check_query_stride, budget.query_stride)
     if "lr_scale" in budget:
