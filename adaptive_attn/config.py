@@ -81,12 +81,16 @@ def _require(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def _whole(value, lo: int) -> bool:
+    """Whether value is an integer (not a boolean) of at least lo."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= lo
+
+
 def _int_in(cfg: DictConfig, key: str, lo: int, hi: int | None = None) -> int:
     value = cfg_get(cfg, key)
     bounds = f"in [{lo}, {hi}]" if hi is not None else f">= {lo}"
     _require(
-        isinstance(value, int) and not isinstance(value, bool) and value >= lo and (hi is None or value <= hi),
-        f"{key}={value!r} is invalid: must be an integer {bounds}",
+        _whole(value, lo) and (hi is None or value <= hi), f"{key}={value!r} is invalid: must be an integer {bounds}"
     )
     return value
 
@@ -186,15 +190,11 @@ def _validate_training(cfg: DictConfig) -> None:
 def _check_devices(cfg: DictConfig) -> None:
     """trainer.devices as Lightning takes it: on a CPU a process count, on GPUs also -1 (all) or indices."""
     devices, accelerator = cfg_get(cfg, "trainer.devices"), cfg_get(cfg, "trainer.accelerator")
-
-    def whole(d, lo: int) -> bool:
-        return isinstance(d, int) and not isinstance(d, bool) and d >= lo
-
-    indices = isinstance(devices, ListConfig) and len(devices) > 0 and all(whole(d, 0) for d in devices)
+    indices = isinstance(devices, ListConfig) and len(devices) > 0 and all(_whole(d, 0) for d in devices)
     on_cpu = accelerator == "cpu"
     allowed = "auto or an integer >= 1" if on_cpu else "auto, -1 (all), an integer >= 1 or a list of GPU indices"
     _require(
-        devices == "auto" or whole(devices, 1) or not on_cpu and (devices == -1 or indices),
+        devices == "auto" or _whole(devices, 1) or not on_cpu and (devices == -1 or indices),
         f"trainer.devices={devices!r} is invalid with trainer.accelerator={accelerator}: must be {allowed}",
     )
 

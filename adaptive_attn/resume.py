@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from adaptive_attn.config import ConfigError
+from adaptive_attn.config import ConfigError, validate
 from adaptive_attn.data.atomic import write_atomically
 
 IDENTITY = ("model", "data", "seq_len", "seed", "module")  # what makes a run this run
@@ -79,6 +79,15 @@ def check_same_run(cfg: DictConfig, out_dir: Path, checkpoint: str | None) -> No
     differ = differences(cfg, out_dir) if checkpoint is not None else None
     if differ:
         raise ConfigError(f"ckpt_path={cfg.ckpt_path}: this config differs from the run in {out_dir}: {differ}")
+
+
+def checked_resume(cfg: DictConfig, out_dir: Path) -> str | None:
+    """The checks that need no Lightning: every config value, then the checkpoint a resume names, which must
+    be there and continue the run recorded in out_dir -> that checkpoint (None for a fresh run)."""
+    validate(cfg)
+    checkpoint = checkpoint_to_resume(cfg, out_dir)
+    check_same_run(cfg, out_dir, checkpoint)
+    return checkpoint
 
 
 def record_run(cfg: DictConfig, out_dir: Path) -> None:

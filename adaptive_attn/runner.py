@@ -14,9 +14,9 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf
 
-from adaptive_attn.config import ConfigError, fail, validate
+from adaptive_attn.config import ConfigError, fail
 from adaptive_attn.lit.interrupt import GracefulInterrupt, RunInterrupted
-from adaptive_attn.resume import check_same_run, checkpoint_to_resume, differences, drop_rows_past, record_run
+from adaptive_attn.resume import checked_resume, differences, drop_rows_past, record_run
 from adaptive_attn.summary import build_summary, write_json, write_k_vs_difficulty
 from adaptive_attn.warm_start import branch, copy_logged_rows, warm_start_source
 
@@ -100,9 +100,7 @@ def finished_summary(cfg: DictConfig, out_dir: Path) -> dict | None:
 def preflight(cfg: DictConfig, out_dir: Path) -> tuple[str | None, dict | None, tuple[Path, dict] | None]:
     """Every check of a run before any work -> (the checkpoint to resume from, the summary of a finished run
     to skip, the warm-up to start from); ConfigError naming what is wrong."""
-    validate(cfg)
-    checkpoint = checkpoint_to_resume(cfg, out_dir)
-    check_same_run(cfg, out_dir, checkpoint)
+    checkpoint = checked_resume(cfg, out_dir)
     done = finished_summary(cfg, out_dir)
     warm = warm_start_source(cfg, out_dir) if checkpoint is None and done is None else None
     return checkpoint, done, warm

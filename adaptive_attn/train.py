@@ -17,8 +17,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, read_write
 
-from adaptive_attn.config import CONF_DIR, ConfigError, check_group_overrides, fail, validate
-from adaptive_attn.resume import check_same_run, checkpoint_to_resume
+from adaptive_attn.config import CONF_DIR, ConfigError, check_group_overrides, fail
+from adaptive_attn.resume import checked_resume
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
@@ -65,9 +65,8 @@ def precheck(argv: list[str]) -> None:
         cfg.hydra.runtime.output_dir = str(out_dir)
     HydraConfig.instance().set_config(cfg)  # for ${hydra:runtime.output_dir}
     if cfg.get("warm_start") is None:
-        validate(cfg)
-        check_same_run(cfg, out_dir, checkpoint_to_resume(cfg, out_dir))
-    else:  # a warm start's checks read the sibling's checkpoint, and need Lightning's modules to
+        checked_resume(cfg, out_dir)
+    else:  # a warm start's checks read the sibling's checkpoint with Lightning loaded: the run's full preflight
         from adaptive_attn.runner import preflight
 
         preflight(cfg, out_dir)
