@@ -3,7 +3,8 @@
     GOMP_SPINCOUNT=0 python -m adaptive_attn.train [model=fixed25] [data=mqar] [seq_len=512] [seed=1] ...
     GOMP_SPINCOUNT=0 python -m adaptive_attn.train -m model=adaptive,fixed25,fixed50 seq_len=64,128 seed=0,1,2
 
-(GOMP_SPINCOUNT=0 stops idle OpenMP threads from spinning; on small CPUs it doubles throughput.)
+(GOMP_SPINCOUNT=0 stops idle OpenMP threads from spinning; on small CPUs it doubles throughput. The entry
+point itself keeps freed host memory in malloc's heap, `adaptive_attn.host_memory`.)
 """
 
 import sys
@@ -18,6 +19,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, read_write
 
 from adaptive_attn.config import CONF_DIR, ConfigError, check_group_overrides, fail
+from adaptive_attn.host_memory import keep_freed_memory
 from adaptive_attn.resume import checked_resume
 
 
@@ -82,6 +84,7 @@ def main() -> None:
     torch.set_float32_matmul_precision("high")
     # CPU arithmetic on subnormal floats (tiny indexer-loss gradients) is many times slower; flush them
     torch.set_flush_denormal(True)
+    keep_freed_memory()  # large tensors reuse freed heap memory instead of faulting in fresh pages every step
     _hydra_main()
 
 

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from timing import device_name, median, take_turns, wall_ms
 from tqdm.auto import tqdm
 
+from adaptive_attn.host_memory import keep_freed_memory
 from adaptive_attn.ops.dispatch import sparse_attention
 from adaptive_attn.ops.layout import SparseLayout
 from adaptive_attn.sparse.budget import FixedBudget, fixed_k
@@ -83,6 +84,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--json", help="write the records to this path")
     args = p.parse_args()
+    keep_freed_memory()  # as the training entry point does
 
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     torch.manual_seed(0)

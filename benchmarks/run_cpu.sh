@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The CPU tables of README: op level (token mode up to L=2048, block mode up to 4096) and model level
-# (training steps timed in turns, with the component breakdown and Amdahl's bound).
-#   bash benchmarks/run_cpu.sh [OUT_DIR] [op|model|all]
+# (training steps timed in turns, with the component breakdown and Amdahl's bound), and what the training
+# entry point's malloc policy is worth (host: a training step under glibc's policy and under the kept heap).
+#   bash benchmarks/run_cpu.sh [OUT_DIR] [op|model|host|all]
 # REPEATS (default 9) sets the rounds of the block-mode model rows: more where a CPU's speed drifts a lot.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -9,7 +10,7 @@ OUT=${1:-results}
 PART=${2:-all}
 mkdir -p "$OUT"
 export GOMP_SPINCOUNT=0
-if [ "$PART" != model ]; then
+if [ "$PART" = op ] || [ "$PART" = all ]; then
   python benchmarks/attention.py --modes block --lengths 256 512 1024 2048 4096 --keeps 0.25 0.5 0.75 --ks 64 \
       --json "$OUT/attention_cpu_block.json" | tee "$OUT/attention_cpu_block.txt"
   python benchmarks/attention.py --modes block --query-block 128 --lengths 2048 4096 --keeps 0.25 0.5 0.75 --ks \
@@ -17,7 +18,7 @@ if [ "$PART" != model ]; then
   python benchmarks/attention.py --modes token --lengths 256 512 1024 2048 --keeps 0.25 0.5 0.75 --ks 64 \
       --json "$OUT/attention_cpu_token.json" | tee "$OUT/attention_cpu_token.txt"
 fi
-if [ "$PART" != op ]; then
+if [ "$PART" = model ] || [ "$PART" = all ]; then
   MODELS="--models dense fixed25 adaptive --repeats ${REPEATS:-9} --calibrate 60 --breakdown"
   # the research model on text (block mode: key blocks of 64, query blocks of 128; at L=512, 16 and 32, since
   # keep 0.25 of 512 tokens is no more than a query block of 128 attends anyway)
@@ -45,4 +46,15 @@ if [ "$PART" != op ]; then
         --seq-len 2048 --batch 4 --overrides experiment=exp3_cpu_votes_2048 \
         --json "$OUT/throughput_cpu_votes_L2048_$stage.json" | tee "$OUT/throughput_cpu_votes_L2048_$stage.txt"
   done
+fi
+if [ "$PART" = host ] || [ "$PART" = all ]; then
+  # counting as its sweep runs (two jobs side by side, one thread each), and the research model on text
+  for L in 64 128; do
+    OMP_NUM_THREADS=1 python benchmarks/host_memory.py --models dense fixed10 fixed25 adaptive --repeats 21 \
+        --seq-len "$L" --batch 64 --overrides experiment=exp3_cpu_synthetic \
+        --json "$OUT/host_memory_counting_L$L.json" | tee "$OUT/host_memory_counting_L$L.txt"
+  done
+  python benchmarks/host_memory.py --models dense fixed25 adaptive --repeats 21 --seq-len 2048 --batch 2 \
+      --overrides experiment=research_text model.sparse.block_size=64 model.sparse.query_block=128 \
+      --json "$OUT/host_memory_research_L2048.json" | tee "$OUT/host_memory_research_L2048.txt"
 fi

@@ -27,6 +27,7 @@ from timing import device_name, median, median_interval, paired_ratios, take_tur
 from tqdm.auto import tqdm
 
 from adaptive_attn.config import CONF_DIR, validate
+from adaptive_attn.host_memory import keep_freed_memory
 from adaptive_attn.lit.breakdown import profile_breakdown
 from adaptive_attn.lit.module import split_batch
 from adaptive_attn.nn.component import COMPONENTS, component
@@ -232,6 +233,7 @@ def make_records(args, timed: list[list], applied: list[list[str]], device: torc
 def main() -> None:
     args = parse_args()
     torch.set_flush_denormal(True)  # as the training entry point does
+    keep_freed_memory()
     device = torch.device(args.device)
     steps, applied = build_steps(args, device)
     timed = take_turns(steps, args.repeats, args.warmup, desc="rounds")  # [(ms, keep, share)] per model

@@ -2,6 +2,7 @@
 
 import json
 import math
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -85,6 +86,24 @@ def test_throughput_benchmark_records(tmp_path):
     assert vs_fixed["model"] == "fixed25" and "vs_fixed" not in fixed
     tokens_per_s = 2 * 128 / fixed["step_ms"] * 1000
     assert fixed["step_ms"] > 0 and abs(fixed["tokens_per_s"] - tokens_per_s) < 0.01 * tokens_per_s
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="switches glibc's malloc policy")
+def test_host_memory_benchmark_records(tmp_path):
+    out = tmp_path / "host_memory.json"
+    run_script(
+        "host_memory.py",
+        *("--models", "dense", "fixed25", "--seq-len", "32", "--batch", "2", "--repeats", "3", "--warmup", "0"),
+        *("--calibrate", "0", "--overrides", "experiment=quick", "--json", str(out)),
+    )
+    records = json.loads(out.read_text())
+    assert [r["model"] for r in records] == ["dense", "fixed25"]
+    for r in records:
+        assert len(r["glibc_round_ms"]) == len(r["kept_round_ms"]) == 3 and r["glibc_ms"] > 0 and r["kept_ms"] > 0
+        # the median of the per-round ratios, within the rounding of the times
+        ratios = sorted(k / g for k, g in zip(r["kept_round_ms"], r["glibc_round_ms"]))
+        assert r["ratio"] == pytest.approx(ratios[1], abs=2e-3)
+        assert r["interval"] == pytest.approx([ratios[0], ratios[2]], abs=2e-3)  # under 6 rounds: the whole range
 
 
 def test_throughput_benchmark_times_the_warm_up_stage(tmp_path):
