@@ -1,11 +1,13 @@
 """Host memory on Linux with glibc: freed memory stays in malloc's heap for the next step.
 
 glibc's malloc serves an allocation above its mmap threshold from pages mapped for it alone and unmaps them
-when it is freed. The threshold rises with the blocks a process frees, but never past 32 MiB, so a training
-step that makes larger tensors (an LM head's logits and their gradients, [B * L, vocab]: 32 MiB at 8192 rows
-of a 1024-token vocabulary) faults all their pages in again every step. `keep_freed_memory` has malloc serve
-every allocation from its heap and keep what is freed there, as PyTorch's caching allocator does on a GPU: the
-resident memory stays near the process's peak instead of falling between steps.
+when it is freed; the threshold rises with the blocks a process frees, but never past 32 MiB. It also returns
+free memory at the top of its heap to the system once that passes the trim threshold (twice the mmap
+threshold). Either way the pages come back as fresh ones, faulted in and zeroed again, every step that needs
+them (an LM head's log-probabilities and their gradient, [B * L, vocab], are 32 MiB at 8192 rows of a
+1024-token vocabulary). `keep_freed_memory` has malloc serve every allocation from its heap and keep what is
+freed there, as PyTorch's caching allocator does on a GPU: the resident memory stays near the process's peak
+instead of falling between steps.
 `benchmarks/host_memory.py` times a training step under both policies.
 """
 
