@@ -6,7 +6,7 @@ policy switches before every other step), with the median of the per-round ratio
         --seq-len 128 --batch 64 --overrides experiment=exp3_cpu_synthetic
 
 glibc's policy is taken as a training loop settles it (blocks from 32 MiB mapped on their own, the heap
-trimmed above 64 MiB); a step whose tensors all stay below 32 MiB gains nothing.
+trimmed above 64 MiB).
 """
 
 import argparse
