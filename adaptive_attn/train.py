@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 import hydra
-import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
@@ -19,7 +18,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, read_write
 
 from adaptive_attn.config import CONF_DIR, ConfigError, check_group_overrides, fail
-from adaptive_attn.host_memory import keep_freed_memory
+from adaptive_attn.process import apply_training_settings
 from adaptive_attn.resume import checked_resume
 
 
@@ -81,10 +80,7 @@ def main() -> None:
         precheck(sys.argv[1:])
     except ConfigError as err:
         fail(str(err))
-    torch.set_float32_matmul_precision("high")
-    # CPU arithmetic on subnormal floats (tiny indexer-loss gradients) is many times slower; flush them
-    torch.set_flush_denormal(True)
-    keep_freed_memory()  # large tensors reuse freed heap memory instead of faulting in fresh pages every step
+    apply_training_settings()
     _hydra_main()
 
 

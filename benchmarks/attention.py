@@ -22,9 +22,9 @@ import torch.nn.functional as F
 from timing import device_name, median, take_turns, wall_ms
 from tqdm.auto import tqdm
 
-from adaptive_attn.host_memory import keep_freed_memory
 from adaptive_attn.ops.dispatch import sparse_attention
 from adaptive_attn.ops.layout import SparseLayout
+from adaptive_attn.process import apply_training_settings
 from adaptive_attn.sparse.budget import FixedBudget, fixed_k
 from adaptive_attn.sparse.dsa import DeepSeekSparseAttention
 from adaptive_attn.sparse.indexer import LightningIndexer
@@ -84,7 +84,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--json", help="write the records to this path")
     args = p.parse_args()
-    keep_freed_memory()  # as the training entry point does
+    process = apply_training_settings()  # as the training entry point does
 
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     torch.manual_seed(0)
@@ -110,7 +110,7 @@ def main() -> None:
     records = []
     for L, mode, (kind, value), ps in tqdm(jobs, desc="benchmark"):
         record = {"mode": mode, "L": L, kind: value, "pass": ps, "device": device_name(device)}
-        record.update(dtype=args.dtype, B=B, H=H, d_h=D)
+        record.update(dtype=args.dtype, B=B, H=H, d_h=D, process=process)
         if mode == "block":
             record.update(block_size=args.block_size, query_block=args.query_block)
         try:

@@ -17,6 +17,7 @@ from throughput import build_steps, interval_text, paired_ratio
 from timing import device_name, median, take_turns
 
 from adaptive_attn.host_memory import glibc_policy, keep_freed_memory
+from adaptive_attn.process import apply_training_settings
 
 POLICIES = {"glibc": glibc_policy, "kept": keep_freed_memory}
 
@@ -50,6 +51,7 @@ def main() -> None:
     p.add_argument("--overrides", nargs="*", default=["experiment=exp3_cpu_synthetic"])
     p.add_argument("--json", help="write the records to this path")
     args = p.parse_args()
+    process = apply_training_settings()  # the rest of the training entry point's settings; the heap's switches
     as_throughput = argparse.Namespace(**vars(args), seed=0, stage="sparse", dtype="float32")
     steps, _ = build_steps(as_throughput, torch.device("cpu"))
     turns = [under(policy, step) for step in steps for policy in POLICIES.values()]
@@ -64,8 +66,15 @@ def main() -> None:
         ratio, interval = paired_ratio(kept_ms, glibc_ms)
         print(f"{name:12s} {median(glibc_ms):9.1f} {median(kept_ms):8.1f} {ratio:13.3f}   {interval_text(interval)}")
         records.append(
-            dict(model=name, device=device, **settings, glibc_ms=median(glibc_ms), kept_ms=median(kept_ms))
-            | dict(ratio=ratio, interval=interval, glibc_round_ms=rounded(glibc_ms), kept_round_ms=rounded(kept_ms))
+            dict(model=name, device=device, process=process, **settings)
+            | dict(
+                glibc_ms=median(glibc_ms),
+                kept_ms=median(kept_ms),
+                ratio=ratio,
+                interval=interval,
+                glibc_round_ms=rounded(glibc_ms),
+                kept_round_ms=rounded(kept_ms),
+            )
         )
     if args.json:
         with open(args.json, "w") as f:

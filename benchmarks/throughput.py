@@ -27,10 +27,10 @@ from timing import device_name, median, median_interval, paired_ratios, take_tur
 from tqdm.auto import tqdm
 
 from adaptive_attn.config import CONF_DIR, validate
-from adaptive_attn.host_memory import keep_freed_memory
 from adaptive_attn.lit.breakdown import profile_breakdown
 from adaptive_attn.lit.module import split_batch
 from adaptive_attn.nn.component import COMPONENTS, component
+from adaptive_attn.process import apply_training_settings
 
 
 def compose_train(overrides: list[str]):
@@ -198,9 +198,9 @@ def build_steps(args, device: torch.device) -> tuple[list, list[list[str]]]:
     return steps, applied
 
 
-def make_records(args, timed: list[list], applied: list[list[str]], device: torch.device) -> list[dict]:
+def make_records(args, timed: list[list], applied: list[list[str]], device: torch.device, process: dict) -> list[dict]:
     """Each model's timed rounds [(ms, keep, share)] -> its record, with its ratios to the baseline and, for
-    an adaptive budget, to the fixed budget of its target."""
+    an adaptive budget, to the fixed budget of its target; `process`: the process settings it ran under."""
     rounds = {name: [ms for ms, _, _ in t] for name, t in zip(args.models, timed)}  # step ms, round by round
     records = []
     for name, t, used in zip(args.models, timed, applied):
@@ -218,6 +218,7 @@ def make_records(args, timed: list[list], applied: list[list[str]], device: torc
             "device": device_name(device),
             "dtype": args.dtype,
             "threads": torch.get_num_threads(),
+            "process": process,
             "overrides": used,
             "round_ms": [round(ms, 2) for ms in rounds[name]],
         }
@@ -232,12 +233,11 @@ def make_records(args, timed: list[list], applied: list[list[str]], device: torc
 
 def main() -> None:
     args = parse_args()
-    torch.set_flush_denormal(True)  # as the training entry point does
-    keep_freed_memory()
+    process = apply_training_settings()  # as the training entry point does
     device = torch.device(args.device)
     steps, applied = build_steps(args, device)
     timed = take_turns(steps, args.repeats, args.warmup, desc="rounds")  # [(ms, keep, share)] per model
-    records = make_records(args, timed, applied, device)
+    records = make_records(args, timed, applied, device, process)
     if args.breakdown:
         for record, ms in zip(records, median_breakdowns(steps, args.breakdown_rounds)):
             record["breakdown_ms"] = {k: round(v, 2) for k, v in ms.items()}

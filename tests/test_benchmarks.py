@@ -31,6 +31,7 @@ def test_attention_benchmark_records(tmp_path):
     records = json.loads(out.read_text())
 
     assert len(records) == 2 * 2 * 2  # modes x budgets x passes
+    assert all(r["process"]["matmul_precision"] == "high" for r in records)  # the training process's settings
     for r in records:
         assert {"mode", "L", "columns", "pass", "ms", "dense_ms", "ratio_vs_dense", "device"} <= r.keys()
         assert r["ms"] > 0 and r["attention_ms"] > 0 and r["dense_ms"] > 0
@@ -61,6 +62,7 @@ def test_throughput_benchmark_records(tmp_path):
     records = json.loads(out.read_text())
 
     assert [r["model"] for r in records] == ["dense", "fixed25", "adaptive"]
+    assert all(r["process"]["matmul_precision"] == "high" for r in records)  # the training process's settings
     dense, fixed, adaptive = records
     # dense has no model.sparse: the block override applied to fixed25 only, with its own query block
     assert "model.sparse.block_size=8" in fixed["overrides"] and fixed["pairs_share"] < 1 == dense["pairs_share"]
@@ -98,6 +100,8 @@ def test_host_memory_benchmark_records(tmp_path):
     )
     records = json.loads(out.read_text())
     assert [r["model"] for r in records] == ["dense", "fixed25"]
+    # set_flush_denormal returns whether this CPU can flush (False leaves this process at its default)
+    assert all(r["process"]["flush_denormal"] == torch.set_flush_denormal(False) for r in records)
     for r in records:
         assert len(r["glibc_round_ms"]) == len(r["kept_round_ms"]) == 3 and r["glibc_ms"] > 0 and r["kept_ms"] > 0
         # the median of the per-round ratios, within the rounding of the times

@@ -55,16 +55,3 @@ def test_other_mallocs_are_left_alone():
     from adaptive_attn.host_memory import keep_freed_memory
 
     assert keep_freed_memory() is False
-
-
-def test_the_training_entry_point_keeps_freed_memory_before_it_trains(monkeypatch, tmp_path):
-    from adaptive_attn import train
-
-    calls = []
-    for process_wide in ("set_float32_matmul_precision", "set_flush_denormal"):  # left as the other tests have them
-        monkeypatch.setattr(train.torch, process_wide, lambda _: None)
-    monkeypatch.setattr(train, "keep_freed_memory", lambda: calls.append("keep_freed_memory"))
-    monkeypatch.setattr(train, "_hydra_main", lambda: calls.append("train"))
-    monkeypatch.setattr(sys, "argv", ["train", "experiment=quick", f"hydra.run.dir={tmp_path}"])
-    train.main()
-    assert calls == ["keep_freed_memory", "train"]
