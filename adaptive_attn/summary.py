@@ -16,6 +16,7 @@ from adaptive_attn.data.domains import TEXT_DOMAINS
 from adaptive_attn.data.synthetic import TASKS
 from adaptive_attn.lit.callbacks import SparsityStats, SpeedMonitor, peak_memory_bytes
 from adaptive_attn.lit.convergence import ConvergenceTracker
+from adaptive_attn.process import device_name
 
 SUMMARY_SPARSITY = ("equivalent_keep", "pairs_share", "attn_mass_recall", "attn_mass_recall_random", "indexer_kl")
 
@@ -57,6 +58,7 @@ def callback_summary(trainer: L.Trainer) -> dict:
         if isinstance(cb, SpeedMonitor):
             perf = cb.metrics(trainer.strategy.root_device)
             summary.update(tokens_per_s=perf["perf/tokens_per_s"], step_ms=perf["perf/step_ms"])
+            summary["device"] = device_name(trainer.strategy.root_device)  # what the times were measured on
             summary["peak_mem_bytes"] = int(perf["perf/peak_mem_bytes"])
         if isinstance(cb, ConvergenceTracker):
             summary.update(cb.summary())

@@ -19,12 +19,12 @@ import json
 
 import torch
 import torch.nn.functional as F
-from timing import device_name, median, take_turns, wall_ms
+from timing import median, take_turns, wall_ms
 from tqdm.auto import tqdm
 
 from adaptive_attn.ops.dispatch import sparse_attention
 from adaptive_attn.ops.layout import SparseLayout
-from adaptive_attn.process import apply_training_settings
+from adaptive_attn.process import apply_training_settings, device_name
 from adaptive_attn.sparse.budget import FixedBudget, fixed_k
 from adaptive_attn.sparse.dsa import DeepSeekSparseAttention
 from adaptive_attn.sparse.indexer import LightningIndexer

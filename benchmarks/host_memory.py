@@ -14,10 +14,10 @@ import json
 
 import torch
 from throughput import build_steps, interval_text, paired_ratio
-from timing import device_name, median, take_turns
+from timing import median, take_turns
 
 from adaptive_attn.host_memory import glibc_policy, keep_freed_memory
-from adaptive_attn.process import apply_training_settings
+from adaptive_attn.process import apply_training_settings, device_name
 
 POLICIES = {"glibc": glibc_policy, "kept": keep_freed_memory}
 

@@ -23,14 +23,14 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
-from timing import device_name, median, median_interval, paired_ratios, take_turns, timed_call
+from timing import median, median_interval, paired_ratios, take_turns, timed_call
 from tqdm.auto import tqdm
 
 from adaptive_attn.config import CONF_DIR, validate
 from adaptive_attn.lit.breakdown import profile_breakdown
 from adaptive_attn.lit.module import split_batch
 from adaptive_attn.nn.component import COMPONENTS, component
-from adaptive_attn.process import apply_training_settings
+from adaptive_attn.process import apply_training_settings, device_name
 
 
 def compose_train(overrides: list[str]):

@@ -2,7 +2,6 @@
 drifts of the machine's speed (large on small shared CPUs) reach all of them alike."""
 
 import math
-import platform
 import time
 
 import torch
@@ -23,24 +22,6 @@ def take_turns(fns, repeats: int, warmup: int = 1, desc: str | None = None) -> l
             if i >= warmup:
                 out.append(value)
     return results
-
-
-def cpu_model() -> str:
-    """The CPU's model name (from /proc/cpuinfo where there is one), else the machine type."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
-
-
-def device_name(device: torch.device) -> str:
-    """The device, for a table's header: CPU ratios to dense move with the CPU's vector units (flash SDPA
-    gains more from AVX-512 than the rest of a step), so a CPU names its model and torch's capability."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    capability = torch.backends.cpu.get_cpu_capability()
-    return f"cpu ({cpu_model()}, {capability}, {torch.get_num_threads()} threads)"
 
 
 def timed_call(fn, device: torch.device) -> tuple[float, object]:

@@ -39,3 +39,15 @@ def test_the_training_entry_point_applies_the_settings_before_it_trains(monkeypa
     monkeypatch.setattr(sys, "argv", ["train", "experiment=quick", f"hydra.run.dir={tmp_path}"])
     train.main()
     assert calls == ["settings", "train"]
+
+
+def test_the_device_names_the_cpu_model_from_proc_cpuinfo(monkeypatch, tmp_path):
+    from adaptive_attn import process
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 9654 96-Core Processor\n")
+    real_open = open
+    monkeypatch.setattr("builtins.open", lambda path, *a, **k: real_open(cpuinfo if path == "/proc/cpuinfo" else path))
+    assert process.cpu_model() == "AMD EPYC 9654 96-Core Processor"
+    cpuinfo.write_text("processor\t: 0\n")  # no model name (some ARM kernels): the machine type instead
+    assert process.cpu_model() == (platform.processor() or platform.machine())

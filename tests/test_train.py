@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
+from adaptive_attn.process import cpu_model
 from adaptive_attn.runner import run
 from adaptive_attn.summary import code_version
 
@@ -19,6 +20,9 @@ def test_quick_text_run_writes_a_complete_summary(compose_cfg):
     for key in ("model", "seq_len", "seed", "val_loss", "tokens_per_s", "peak_mem_bytes", "wall_s", "config", "keep"):
         assert on_disk[key] is not None, key
     assert on_disk["model"] == "fixed25" and on_disk["seq_len"] == 64 and on_disk["steps"] == 6
+    # the device its times were measured on, by name: a CPU's model and torch's vector capability
+    cpu = f"({cpu_model()}, {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads)"
+    assert on_disk["device"] == f"cpu {cpu}"
     assert 0 < on_disk["pairs_share"] < 1 and abs(on_disk["equivalent_keep"] - 0.25) < 0.02
     assert 0 <= on_disk["attn_mass_recall_random"] < on_disk["attn_mass_recall"] <= 1
     assert (Path(cfg.output_dir) / "checkpoints" / "last.ckpt").exists()
