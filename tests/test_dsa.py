@@ -44,6 +44,14 @@ def test_layout_geometry_of_padded_blocks():
     assert [tokens.hard_columns(k) for k in (0, 0.2, 3, 3.5, 99)] == [1, 1, 3, 4, 10]
 
 
+def test_per_key_values_hold_for_every_query_of_their_row_and_every_key_of_their_column():
+    layout = SparseLayout(100, block_size=4, query_block=16)  # padded: 7 rows of 16 queries, 28 columns of 4 keys
+    per_column = torch.randn(2, layout.n_rows, layout.n_columns)
+    pos = torch.arange(100)
+    expected = per_column[:, pos // 16][:, :, pos // 4]  # [B, L, L]: query t's row, key s's column
+    assert torch.equal(layout.per_key(per_column), expected)
+
+
 def test_indexer_scores_are_eq1_term_by_term():
     """I[t, s] = sum_j w[t, j] ReLU(q[t, j] . k[s]), summed head by head in a loop, against the indexer's
     vectorised score (the one both token and block scores go through), values and gradients."""
@@ -273,3 +281,19 @@ def test_warmup_kl_matches_a_dense_computation(mode):
     (grad_got,) = torch.autograd.grad(got, scores)
     (grad_want,) = torch.autograd.grad(want, scores)
     torch.testing.assert_close(grad_got, grad_want, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("chunk_size", [4, 128])
+def test_attention_mass_recall_equals_the_dense_masked_mass(chunk_size):
+    """Each mask's share of the dense causal attention mass (heads averaged, then queries), all masks from one
+    pass, in chunks of queries that need not divide L."""
+    torch.manual_seed(0)
+    B, H, L, D = 2, 3, 13, 8
+    q, latents = torch.randn(B, H, L, D, dtype=torch.float64), torch.randn(B, L, D, dtype=torch.float64)
+    causal = torch.ones(L, L, dtype=torch.bool).tril()
+    probs = (torch.einsum("bhld,bsd->bhls", q, latents) * 0.3).masked_fill(~causal, float("-inf")).softmax(-1)
+    masks = [torch.rand(B, L, L) < 0.4, causal.expand(B, L, L), torch.zeros(B, L, L, dtype=torch.bool)]
+    recalls = losses.attention_mass_recall(q, latents, masks, scale=0.3, chunk_size=chunk_size)
+    expected = [(probs.mean(1) * mask).sum(-1).mean() for mask in masks]
+    assert torch.allclose(torch.stack(recalls), torch.stack(expected), atol=1e-12)
+    assert recalls[1] == pytest.approx(1.0) and recalls[2] == 0.0 and 0 < recalls[0] < 1

@@ -84,8 +84,10 @@ class SparseLayout:
         query of its query block, a block column for every key of its block."""
         if self.token_level:
             return per_column
-        pos = torch.arange(self.seq_len, device=per_column.device)
-        return per_column[:, pos // self.query_block][:, :, pos // self.block_size]
+        B, R, C = per_column.shape  # each row and column repeated in place: a copy, not an index per element
+        rows = per_column[:, :, None].expand(B, R, self.query_block, C).reshape(B, R * self.query_block, C)
+        keys = rows[:, : self.seq_len, :, None].expand(-1, -1, -1, self.block_size)
+        return keys.reshape(B, self.seq_len, C * self.block_size)[..., : self.seq_len]
 
     def scatter_slots(self, values: torch.Tensor, indices: torch.Tensor, fill) -> torch.Tensor:
         """Slot values [B, R, K] -> [B, R, C] at the columns the slots name (-1 = unused), `fill` elsewhere."""

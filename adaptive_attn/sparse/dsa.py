@@ -189,11 +189,8 @@ class DeepSeekSparseAttention(nn.Module):
         share of the dense attention mass they hold, against as many positions chosen at random."""
         selected = layout.selection_mask(indices)
         random_selected = layout.selection_mask(self.selector(random_scores, k_hard, layout))
-        return {
-            "selected": selected,
-            "attn_mass_recall": losses.attention_mass_recall(q, latents, selected, scale=scale),
-            "attn_mass_recall_random": losses.attention_mass_recall(q, latents, random_selected, scale=scale),
-        }
+        recall, random_recall = losses.attention_mass_recall(q, latents, [selected, random_selected], scale=scale)
+        return {"selected": selected, "attn_mass_recall": recall, "attn_mass_recall_random": random_recall}
 
     def update_budget(self, stats: dict[str, torch.Tensor]) -> None:
         """After a training step in the sparse stage: the budget adjusts to the compute it realised."""

@@ -162,12 +162,14 @@ def block_mass(q, latents, indices, layout: SparseLayout, qb0: int, qb1: int, sc
 
 
 @torch.no_grad()
-def attention_mass_recall(q, latents, mask: torch.Tensor, *, scale, chunk_size=128) -> torch.Tensor:
-    """Share of the dense attention mass that falls inside the attended positions mask [B, L, L], averaged
-    over queries."""
-    L = q.shape[2]
-    recall = []
+def attention_mass_recall(q, latents, masks: list[torch.Tensor], *, scale, chunk_size=128) -> list[torch.Tensor]:
+    """Share of the dense attention mass that falls inside each mask of attended positions [B, L, L], averaged
+    over queries -> one per mask. Chunk by chunk of queries, the probabilities are computed once for every
+    mask, over the keys up to the chunk's last query (the later ones hold no mass)."""
+    B, _, L, _ = q.shape
+    totals = [0.0] * len(masks)
     for c0 in range(0, L, chunk_size):
         c1 = min(c0 + chunk_size, L)
-        recall.append((causal_attention_probs(q, latents, scale, c0, c1) * mask[:, c0:c1]).sum(-1))
-    return torch.cat(recall, dim=1).mean()
+        probs = causal_attention_probs(q, latents[:, :c1], scale, c0, c1)  # [B, c1 - c0, c1]
+        totals = [total + (probs * mask[:, c0:c1, :c1]).sum() for total, mask in zip(totals, masks)]
+    return [total / (B * L) for total in totals]
