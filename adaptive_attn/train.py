@@ -4,7 +4,8 @@
     GOMP_SPINCOUNT=0 python -m adaptive_attn.train -m model=adaptive,fixed25,fixed50 seq_len=64,128 seed=0,1,2
 
 (GOMP_SPINCOUNT=0 stops idle OpenMP threads from spinning; on small CPUs it doubles throughput. The entry
-point itself keeps freed host memory in malloc's heap, `adaptive_attn.host_memory`.)
+point itself applies the process's settings, `adaptive_attn.process`: float32 matmuls at "high", subnormals
+flushed, freed host memory kept in malloc's heap.)
 """
 
 import sys
