@@ -63,18 +63,20 @@ def test_block_backend_with_per_sequence_budgets_equals_reference():
 def test_block_backend_takes_one_call_per_slot_width_across_sequences_and_positions(monkeypatch):
     """After the whole-past prefix (one causal call), rows of any sequence and position that share a slot
     width share one SDPA call; where some of a call's slots are unused, each query block gets its own mask
-    (shared by its heads)."""
+    (shared by its heads). One gather serves all the calls, so backward scatters into the latents once."""
     idx, layout = random_selection(3, 128, 4, 8, 16)  # query block r selects min(2r, 4) blocks
     idx[1, 5:, 3] = -1  # 3 blocks from query block 5 on in sequence 1
     idx[2, 6, 2:] = -1  # 2 blocks in one query block of sequence 2
-    calls = []
-    sdpa = torch.nn.functional.scaled_dot_product_attention
+    calls, gathers = [], []
+    sdpa, gather_blocks = torch.nn.functional.scaled_dot_product_attention, SparseLayout.gather_blocks
     monkeypatch.setattr(
         torch.nn.functional, "scaled_dot_product_attention", lambda *a, **kw: calls.append(1) or sdpa(*a, **kw)
     )
+    monkeypatch.setattr(SparseLayout, "gather_blocks", lambda *a: gathers.append(len(a[2])) or gather_blocks(*a))
     q, latents, bias = float64_inputs(3, 3, 128, 10, idx.shape)
     assert_equals_reference("torch", q, latents, idx, layout)
     assert len(calls) == 1 + 3  # the prefix (query blocks 0-2), then widths 2, 3 and 4
+    assert gathers == [3]  # one gather for the three widths
     assert_equals_reference("torch", q, latents, idx, layout, bias)
 
 
@@ -141,7 +143,15 @@ def test_a_rows_output_is_the_same_bits_in_a_call_of_any_size(shared):
         with cpu_threads(n_threads):
             outs = [
                 torch_block.gathered_attention(
-                    q[:n], latents, indices[:n], seqs[:n], rows[:n], None, shared, layout, 0.1, 32, False
+                    q[:n],
+                    *layout.gather_key_blocks(latents, indices[:n], seqs[:n], rows[:n], shared),
+                    rows[:n],
+                    None,
+                    shared,
+                    layout,
+                    0.1,
+                    32,
+                    False,
                 )[0][0]
                 for n in (1, 2, 3)
             ]

@@ -120,28 +120,42 @@ class SparseLayout:
         B, H, Lp, D = q.shape
         return q.transpose(1, 2).reshape(B, Lp // self.query_block, self.query_block, H, D)
 
-    def gather_key_blocks(self, latents, indices, seqs, rows, shared_mask: bool = False):
-        """The key blocks of n (sequence, query block) rows: their selected blocks, then their diagonal blocks.
+    def key_blocks(self, indices: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """The key blocks of n (sequence, query block) rows: indices [n, K] (each row's selected past blocks,
+        -1 = unused), rows [n] (each row's query block) -> their selected blocks, then their diagonal blocks
+        [n, K + m]."""
+        m = self.blocks_per_query_block
+        diagonal = rows[:, None] * m + torch.arange(m, device=indices.device)
+        return torch.cat([indices, diagonal], dim=-1)
 
-        latents [B, Lp, D] (padded), indices [n, K] (each row's selected past blocks, -1 = unused), seqs and
-        rows [n] (each row's sequence and query block) -> keys [n, S, D], attention mask [n, Q, S]. With
-        `shared_mask` (every slot valid) the mask is the same for all rows, [1, Q, S]: past blocks fully
-        visible, the diagonal causal.
-        """
+    def gather_blocks(self, latents: torch.Tensor, blocks: list[torch.Tensor], seqs: list[torch.Tensor]):
+        """latents [B, Lp, D] (padded); per group of rows their key blocks [n, Kb] (-1 = unused) and sequences
+        [n] -> per group keys [n, Kb * block_size, D]. One index_select serves every group, so backward
+        scatters into the latents' gradient once, not once per group."""
         B, Lp, D = latents.shape
+        n_kb = Lp // self.block_size  # whole blocks are contiguous rows of [B * nKB, bs * D]
+        flat = torch.cat([(b.clamp(min=0) + s[:, None] * n_kb).reshape(-1) for b, s in zip(blocks, seqs)])
+        rows = latents.reshape(B * n_kb, self.block_size * D).index_select(0, flat)
+        parts = rows.split([b.numel() for b in blocks]) if len(blocks) > 1 else [rows]
+        return [part.view(b.shape[0], -1, D) for part, b in zip(parts, blocks)]
+
+    def key_mask(self, blocks: torch.Tensor, rows: torch.Tensor, shared: bool = False) -> torch.Tensor:
+        """Key blocks [n, Kb] of rows [n] (`key_blocks`) -> the attention mask [n, Q, S] of their queries. With
+        `shared` (every slot in use) it is the same for all rows, [1, Q, S]: past blocks fully visible, the
+        diagonal causal."""
         m, bs, qb = self.blocks_per_query_block, self.block_size, self.query_block
-        device = latents.device
-        diagonal = rows[:, None] * m + torch.arange(m, device=device)
-        blocks = torch.cat([indices, diagonal], dim=-1)  # [n, Kb]
         n, Kb = blocks.shape
-        n_kb = Lp // bs  # whole blocks are contiguous rows of [B * nKB, bs * D]: index_select copies them at once
-        flat = (blocks.clamp(min=0) + seqs[:, None] * n_kb).reshape(-1)
-        keys = latents.reshape(B * n_kb, bs * D).index_select(0, flat).view(n, Kb * bs, D)
-        arange_q = torch.arange(qb, device=device)
-        if shared_mask:
-            past = torch.ones(qb, (Kb - m) * bs, dtype=torch.bool, device=device)
-            return keys, torch.cat([past, arange_q[None, :] <= arange_q[:, None]], dim=1)[None]
-        key_pos = (blocks[..., None] * bs + torch.arange(bs, device=device)).view(n, -1)
+        arange_q = torch.arange(qb, device=blocks.device)
+        if shared:
+            past = torch.ones(qb, (Kb - m) * bs, dtype=torch.bool, device=blocks.device)
+            return torch.cat([past, arange_q[None, :] <= arange_q[:, None]], dim=1)[None]
+        key_pos = (blocks[..., None] * bs + torch.arange(bs, device=blocks.device)).view(n, -1)
         key_ok = (blocks >= 0)[..., None].expand(-1, -1, bs).reshape(n, -1)
         q_pos = rows[:, None] * qb + arange_q
-        return keys, key_ok[:, None, :] & (key_pos[:, None, :] <= q_pos[:, :, None])
+        return key_ok[:, None, :] & (key_pos[:, None, :] <= q_pos[:, :, None])
+
+    def gather_key_blocks(self, latents, indices, seqs, rows, shared_mask: bool = False):
+        """The key blocks of n rows (`key_blocks`) and their mask (`key_mask`): latents [B, Lp, D] (padded),
+        indices [n, K], seqs and rows [n] -> keys [n, S, D], attention mask [n, Q, S] or [1, Q, S]."""
+        blocks = self.key_blocks(indices, rows)
+        return self.gather_blocks(latents, [blocks], [seqs])[0], self.key_mask(blocks, rows, shared_mask)

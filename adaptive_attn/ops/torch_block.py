@@ -13,7 +13,9 @@ its heads. Four things keep the work close to the selection's own:
   (`row_groups`);
 - rows are reordered only when they are not in group order already (one copy each way), and inputs are cut
   with `split`, whose backward is one concatenation, rather than sliced per call, whose backward writes a
-  full-size zero gradient each time;
+  full-size zero gradient each time; for the same reason one gather of key blocks serves every call (a
+  gather's backward scatters into a zeroed gradient of all the latents, and with two CPU threads each such
+  scatter costs a few hundred microseconds however few rows it adds);
 - a call of fewer rows than CPU threads copies the shared key head (`key_heads`): SDPA's CPU backward is
   several times slower on fewer (row, key head) pairs than threads, and budgets that vary per row make
   such calls often.
@@ -150,21 +152,15 @@ def grouped_attention(q, latents, indices, slot_bias, flags, row0: int, layout: 
     if order is not None:
         q, indices, seqs, rows = (t.index_select(0, order) for t in (q, indices, seqs, rows))
         bias = None if bias is None else bias.index_select(0, order)
+    blocks = [layout.key_blocks(indices[part, :width], rows[part]) for part, width, _, _ in groups]
+    keys = layout.gather_blocks(latents, blocks, [seqs[group[0]] for group in groups])
+    q_parts = split(q, [group[0].stop - group[0].start for group in groups])
     outs, masses = [], []
-    for (part, width, flag, full), q_part in zip(groups, split(q, [g[0].stop - g[0].start for g in groups])):
+    for (part, width, flag, full), q_part, group_keys, group_blocks in zip(groups, q_parts, keys, blocks):
         row_bias = bias[part, :width] if flag else None
+        mask = layout.key_mask(group_blocks, rows[part], shared=full)
         o, mass = gathered_attention(
-            q_part,
-            latents,
-            indices[part, :width],
-            seqs[part],
-            rows[part],
-            row_bias,
-            full,
-            layout,
-            scale,
-            v_dim,
-            zero_bias=zero_bias,
+            q_part, group_keys, mask, rows[part], row_bias, full, layout, scale, v_dim, zero_bias=zero_bias
         )
         outs.append(o)
         masses.append(F.pad(mass, (0, width_max - width)))  # unused slots hold no mass
@@ -240,20 +236,21 @@ def key_heads(n: int, heads: int, device: torch.device) -> int:
 
 
 def gathered_attention(
-    q, latents, indices, seqs, rows, slot_bias, shared: bool, layout: SparseLayout, scale, v_dim, zero_bias: bool
+    q, keys, mask, rows, slot_bias, shared: bool, layout: SparseLayout, scale, v_dim, zero_bias: bool
 ):
-    """n rows over their gathered key blocks: q [n, Q, H, D], indices [n, w], seqs and rows [n] (each row's
-    sequence and query block); `shared`: every slot of every row in use; `zero_bias`: the slot bias is 0 in
-    value (checked once per call of the op) -> (out [n, Q, H, v_dim], the mass of the w selected slots [n, w],
-    NaN where it did not fit)"""
+    """n rows over their gathered key blocks (`SparseLayout.gather_blocks`, the w selected then the diagonal
+    ones): q [n, Q, H, D], keys [n, S, D], mask [n or 1, Q, S] (`SparseLayout.key_mask`), rows [n] (each
+    row's query block), slot_bias [n, w] or None; `shared`: every slot of every row in use; `zero_bias`: the
+    slot bias is 0 in value (checked once per call of the op) -> (out [n, Q, H, v_dim], the mass of the w
+    selected slots [n, w], NaN where it did not fit)"""
     n, Q, H, D = q.shape
-    keys, mask = layout.gather_key_blocks(latents, indices, seqs, rows, shared_mask=shared)
     keys = keys[:, None]  # [n, 1, S, D]: one SDPA batch row per (sequence, query block)
     if shared:  # one mask for all: a row's Q * H (query, head) pairs as one head
         queries, mask = q.reshape(n, 1, Q * H, D), mask.repeat_interleave(H, dim=1)[None]
     else:  # a mask per row, shared by its H heads (one key head for them), never repeated per head
         queries, mask = q.transpose(1, 2), mask[:, None]
-    w, m, bs = indices.shape[-1], layout.blocks_per_query_block, layout.block_size
+    m, bs = layout.blocks_per_query_block, layout.block_size
+    w = keys.shape[2] // bs - m
     bias = None if slot_bias is None else torch.cat([slot_bias, slot_bias.new_zeros(n, m)], -1).to(q.dtype)
     fits = w + m <= keys.shape[-1] - v_dim  # the block indicators, in the value columns past v_dim
     through_values = bias is not None and fits and zero_bias
