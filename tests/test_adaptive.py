@@ -25,9 +25,10 @@ from tests.helpers import tiny_model_kwargs
 SPARSE_MODES = {"token": {}, "block": {"block_size": 4, "query_block": 8}}
 
 
-def adaptive_model(mode="token", **kwargs):
+def adaptive_model(mode="token", rank_row_fraction=1.0, **kwargs):
     budget = partial(DynamicSparsityController, target=0.25, reference_len=64)
-    return AdaptiveMoELLM(**tiny_model_kwargs(**kwargs), budget=budget, sparse={**SPARSE_MODES[mode]})
+    sparse = {**SPARSE_MODES[mode], "rank_row_fraction": rank_row_fraction}
+    return AdaptiveMoELLM(**tiny_model_kwargs(**kwargs), budget=budget, sparse=sparse)
 
 
 def causal_scores(B, L):
@@ -217,3 +218,55 @@ def test_rank_mask_gradient_from_a_draw_of_query_blocks_is_unbiased():
     error = (draws.mean(0) - full).abs()
     standard_error = draws.std(0) / len(draws) ** 0.5
     assert (draws.std(0) > 0).any() and (error <= 3 * standard_error + 1e-12).all()
+
+
+def train_steps(model, tokens, evaluate_between: bool) -> None:
+    """Three SGD steps of the sparse stage on `tokens`; with `evaluate_between`, an evaluation pass (its
+    recall diagnostic draws a random control) and a global-RNG draw (as a data loader's) before each."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(3):
+        if evaluate_between:
+            model.eval()
+            with torch.no_grad():
+                model(tokens)
+            torch.rand(5)
+            model.train()
+        logits, aux = model(tokens)
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens.flatten()) + aux["indexer_kl"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        model.after_training_step(aux["sparsity"])
+
+
+def test_training_draws_are_the_layers_own_so_evaluation_in_between_changes_no_bit():
+    """Block mode draws query blocks for the rank mask's gradient (`draw_rows`) from each layer's own stream:
+    evaluation (whose random control draws from another) and other users of the global RNG between the
+    training steps leave the trained weights bit for bit as they were; another seed draws other blocks."""
+    tokens = torch.randint(0, 50, (2, 64))
+    weights = []
+    for evaluate_between, seed in ((False, 0), (True, 0), (False, 1)):
+        torch.manual_seed(0)
+        model = adaptive_model("block", rank_row_fraction=0.25)
+        for i, dsa in enumerate(model.sparse_layers()):
+            dsa.seed_draws(seed + i)
+        train_steps(model, tokens, evaluate_between)
+        weights.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    assert torch.equal(weights[0], weights[1])
+    assert not torch.equal(weights[0], weights[2])
+
+
+def test_a_checkpoint_carries_the_layers_draws():
+    """The draw states go into a checkpoint and come back from it: a model resumed from them draws what the
+    uninterrupted one draws."""
+    torch.manual_seed(0)
+    model = adaptive_model("block")
+    module = SparseLMModule(model)
+    saved = {}
+    module.on_save_checkpoint(saved)
+    layers = list(model.sparse_layers())
+    assert len(saved["draw_states"]) == len(layers) == 2
+    ahead = [torch.randint(1000, (4,), generator=dsa.draws) for dsa in layers]
+    module.on_load_checkpoint(saved)
+    assert all(torch.equal(torch.randint(1000, (4,), generator=dsa.draws), a) for dsa, a in zip(layers, ahead))
+    assert not torch.equal(ahead[0], ahead[1])  # each layer its own stream

@@ -29,20 +29,28 @@ def train_losses(run_dir: Path) -> pd.Series:
     return metrics.dropna(subset=["train/loss"]).set_index("step")["train/loss"]
 
 
-@pytest.mark.parametrize("arm", ["adaptive10_lr30", "adaptive10"])
-def test_an_arm_warm_started_from_a_siblings_warm_up_trains_bit_for_bit_as_from_scratch(compose_cfg, tmp_path, arm):
+BLOCKS = ["seq_len=128", "model.sparse.block_size=4", "model.sparse.query_block=8", "data.batch_size=2"]
+
+
+@pytest.mark.parametrize("arm,mode", [("adaptive10_lr30", []), ("adaptive10", []), ("adaptive10", BLOCKS)])
+def test_an_arm_warm_started_from_a_siblings_warm_up_trains_bit_for_bit_as_from_scratch(
+    compose_cfg, tmp_path, arm, mode
+):
     """adaptive10_lr30's controller trains in a group of its own rate, adaptive10's in the shared groups:
-    both must find their optimizer state, schedule and data where the sibling (fixed10) left them."""
-    run(compose_cfg([*COMMON, "model=fixed10"], run_dir="fixed10_L64_s0"))
-    assert (tmp_path / "fixed10_L64_s0" / "checkpoints" / "warmup_end.ckpt").is_file()
-    scratch = run(compose_cfg([*COMMON, f"model={arm}"], run_dir="scratch"))
-    warm = run(compose_cfg([*COMMON, f"model={arm}", "warm_start=fixed10"], run_dir=f"{arm}_L64_s0"))
+    both must find their optimizer state, schedule and data where the sibling (fixed10) left them. In block
+    mode the arm also draws query blocks (`draw_rows`) from where the sibling's checkpoint left its streams."""
+    length = 128 if mode else 64
+    common = [*COMMON, *mode]
+    run(compose_cfg([*common, "model=fixed10"], run_dir=f"fixed10_L{length}_s0"))
+    assert (tmp_path / f"fixed10_L{length}_s0" / "checkpoints" / "warmup_end.ckpt").is_file()
+    scratch = run(compose_cfg([*common, f"model={arm}"], run_dir="scratch"))
+    warm = run(compose_cfg([*common, f"model={arm}", "warm_start=fixed10"], run_dir=f"{arm}_L{length}_s0"))
 
     assert warm["status"] == "ok" and warm["steps"] == scratch["steps"] == 6
     started = warm["warm_started_from"]
-    assert started["steps"] == 3 and started["checkpoint"].endswith("fixed10_L64_s0/checkpoints/warmup_end.ckpt")
+    assert started["steps"] == 3 and started["checkpoint"].endswith(f"fixed10_L{length}_s0/checkpoints/warmup_end.ckpt")
     assert started["own_parameters"] and all(".budget." in name for name in started["own_parameters"])
-    ours, theirs = final_weights(tmp_path / f"{arm}_L64_s0"), final_weights(tmp_path / "scratch")
+    ours, theirs = final_weights(tmp_path / f"{arm}_L{length}_s0"), final_weights(tmp_path / "scratch")
     assert ours.keys() == theirs.keys()
     for key in ours:
         assert torch.equal(ours[key], theirs[key]), key
@@ -52,19 +60,19 @@ def test_an_arm_warm_started_from_a_siblings_warm_up_trains_bit_for_bit_as_from_
     ]
     assert [p["step"] for p in warm["val_curve"]] == [3, 6]
     # the log holds the sibling's warm-up rows, then this run's own: the same losses as from scratch
-    pd.testing.assert_series_equal(train_losses(tmp_path / f"{arm}_L64_s0"), train_losses(tmp_path / "scratch"))
+    pd.testing.assert_series_equal(train_losses(tmp_path / f"{arm}_L{length}_s0"), train_losses(tmp_path / "scratch"))
 
     # and it did start from the sibling's checkpoint: a nudge to one of its weights reaches the result
-    nudged = torch.load(tmp_path / "fixed10_L64_s0" / "checkpoints" / "warmup_end.ckpt", weights_only=False)
+    nudged = torch.load(tmp_path / f"fixed10_L{length}_s0" / "checkpoints" / "warmup_end.ckpt", weights_only=False)
     key = next(k for k in nudged["state_dict"] if k.endswith("lm_head.weight") or "embed" in k)
     nudged["state_dict"][key] += 1e-3
     source = tmp_path / "nudged_fixed10" / "checkpoints" / "warmup_end.ckpt"
     source.parent.mkdir(parents=True)
     torch.save(nudged, source)
     (source.parent.parent / "run_config.yaml").write_bytes(
-        (tmp_path / "fixed10_L64_s0" / "run_config.yaml").read_bytes()
+        (tmp_path / f"fixed10_L{length}_s0" / "run_config.yaml").read_bytes()
     )
-    moved = run(compose_cfg([*COMMON, f"model={arm}", f"warm_start={source}"], run_dir="nudged"))
+    moved = run(compose_cfg([*common, f"model={arm}", f"warm_start={source}"], run_dir="nudged"))
     assert moved["steps"] == 6 and moved["val_loss"] != scratch["val_loss"]
 
 

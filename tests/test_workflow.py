@@ -157,10 +157,14 @@ class CrashAt(L.Callback):
             raise RuntimeError("simulated crash")
 
 
-def test_resume_from_last_checkpoint_matches_uninterrupted_run(compose_cfg, tmp_path):
+@pytest.mark.parametrize(
+    "model",  # block mode: adaptive budgets draw query blocks (`draw_rows`), whose stream the checkpoint carries
+    [["model=fixed25"], ["model=adaptive", "model.sparse.block_size=4", "model.sparse.query_block=8"]],
+)
+def test_resume_from_last_checkpoint_matches_uninterrupted_run(compose_cfg, tmp_path, model):
     common = [
         "experiment=quick",
-        "model=fixed25",
+        *model,
         "module.dense_warmup_steps=3",
         "trainer.max_steps=8",
         "callbacks.model_checkpoint.every_n_train_steps=2",

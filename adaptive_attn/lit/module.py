@@ -83,6 +83,15 @@ class SparseLMModule(L.LightningModule):
         # before callbacks such as ModelCheckpoint see it
         self.model.after_training_step(self._step_sparsity)
 
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["draw_states"] = [dsa.draw_states() for dsa in self.model.sparse_layers()]
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # the DSA layers' random streams continue where they were (checkpoints from before they were saved:
+        # as freshly seeded)
+        for dsa, states in zip(self.model.sparse_layers(), checkpoint.get("draw_states", [])):
+            dsa.load_draw_states(states)
+
     def _eval_step(self, batch) -> dict:
         losses, aux, logits, targets, scored = self.lm_loss(batch, reduction="none")
         correct = (logits.argmax(-1) == targets).float()

@@ -85,6 +85,8 @@ class MoELLM(nn.Module):
         self.head = nn.Linear(d_model, vocab_size, bias=False)
         self.init_std = init_std
         self.apply(self._init_weights)
+        for i, dsa in enumerate(self.sparse_layers()):  # each layer draws its own query blocks
+            dsa.seed_draws(torch.initial_seed() + i)
 
     @staticmethod
     def _build_dsa(d_model: int, sparse: dict | None, budget: Callable[[], nn.Module]) -> DeepSeekSparseAttention:

@@ -87,6 +87,22 @@ class DeepSeekSparseAttention(nn.Module):
         self.rank_row_fraction = rank_row_fraction  # block mode, training: the rank mask's gradient likewise
         self.register_buffer("sparse_active", torch.tensor(True))
         self._attention: dict[torch.device, Callable] = {}  # the backend, resolved once per device
+        # random streams of the layer's own (`seed_draws`), so that nothing else that draws (evaluation, a data
+        # loader) moves training's draws, and a checkpoint can carry them (`draw_states`)
+        self.draws, self.control_draws = torch.Generator(), torch.Generator()
+        self.seed_draws(torch.initial_seed())
+
+    def seed_draws(self, seed: int) -> None:
+        """Seed the training draws (query blocks of `losses.draw_rows`) and evaluation's random control."""
+        self.draws.manual_seed(2 * seed % 2**64)
+        self.control_draws.manual_seed((2 * seed + 1) % 2**64)
+
+    def draw_states(self) -> dict[str, torch.Tensor]:
+        return {"training": self.draws.get_state(), "control": self.control_draws.get_state()}
+
+    def load_draw_states(self, states: dict[str, torch.Tensor]) -> None:
+        self.draws.set_state(states["training"])
+        self.control_draws.set_state(states["control"])
 
     def layout(self, seq_len: int, device: torch.device) -> SparseLayout:
         return SparseLayout.build(seq_len, self.block_size, self.query_block, device)
@@ -102,15 +118,15 @@ class DeepSeekSparseAttention(nn.Module):
 
         In block mode, while training, only the query blocks `losses.draw_rows` draws (`rank_row_fraction`
         of them) carry the gradient, scaled by C / m: an unbiased estimate of the controller's gradient;
-        the other blocks attend without the bias column. The draw is random: a training forward pass is
-        a function of its input and the random state (the same draw, the same bits)."""
+        the other blocks attend without the bias column. The draw comes from the layer's own stream
+        (`self.draws`): a training forward pass is a function of its input and that stream's state."""
         slot_middle = torch.arange(indices.shape[-1], device=k_soft.device, dtype=k_soft.dtype) + 0.5
         tau = self.soft_rank_tau * k_soft.detach().clamp_min(1)[..., None]
         soft = torch.nn.functional.logsigmoid((k_soft[..., None] - slot_middle) / tau)
         bias = soft - soft.detach()
         if layout.token_level or self.rank_row_fraction >= 1 or not self.training:
             return bias, None
-        rows, scale = losses.draw_rows(layout, self.rank_row_fraction)
+        rows, scale = losses.draw_rows(layout, self.rank_row_fraction, self.draws)
         drawn = torch.zeros(layout.n_rows, dtype=torch.bool, device=bias.device)
         drawn[rows] = True
         return bias * (drawn.to(bias.dtype) * scale)[None, :, None], drawn
@@ -149,15 +165,14 @@ class DeepSeekSparseAttention(nn.Module):
             )
         with component("indexer_kl"):
             fraction = self.kl_row_fraction if self.training else 1.0
+            options = dict(scale=scale, row_fraction=fraction, generator=self.draws)
             selected = selected_scores(scores, score_chunks, indices)
-            kl = losses.kl_selected(
-                q.detach(), latents.detach(), selected, indices, slot_probs, layout, scale=scale, row_fraction=fraction
-            )
+            kl = losses.kl_selected(q.detach(), latents.detach(), selected, indices, slot_probs, layout, **options)
         stats = {"indexer_kl": kl.detach(), **selection_stats(indices, k_hard, layout, self.budget.target_keep(layout))}
         stats.update(self.budget.stats())
         if self.measure_recall and not self.training:
             with component("recall"):
-                stats.update(self.recall(q, latents, indices, torch.rand_like(scores), k_hard, layout, scale))
+                stats.update(self.recall(q, latents, indices, scores, k_hard, layout, scale))
         return out, {"indexer_kl": kl, "stats": stats}
 
     def score(self, x, layout: SparseLayout) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
@@ -184,10 +199,12 @@ class DeepSeekSparseAttention(nn.Module):
         return {"indexer_kl": kl, "stats": {"indexer_kl": kl.detach(), "pairs_share": dense, "equivalent_keep": dense}}
 
     @torch.no_grad()
-    def recall(self, q, latents, indices, random_scores, k_hard, layout: SparseLayout, scale: float) -> dict:
+    def recall(self, q, latents, indices, scores, k_hard, layout: SparseLayout, scale: float) -> dict:
         """Evaluation diagnostics: the attended positions ("selected" [B, L, L], for needed-key recall) and the
-        share of the dense attention mass they hold, against as many positions chosen at random."""
+        share of the dense attention mass they hold, against as many positions chosen at random (scores
+        [B, R, C] drawn from the layer's control stream in place of the indexer's)."""
         selected = layout.selection_mask(indices)
+        random_scores = torch.rand(scores.shape, generator=self.control_draws, dtype=scores.dtype).to(scores.device)
         random_selected = layout.selection_mask(self.selector(random_scores, k_hard, layout))
         recall, random_recall = losses.attention_mass_recall(q, latents, [selected, random_selected], scale=scale)
         return {"selected": selected, "attn_mass_recall": recall, "attn_mass_recall_random": random_recall}

@@ -85,19 +85,24 @@ def kl_dense_blocks(q, latents, scores, layout: SparseLayout, *, scale, chunk_si
     return s / max(n, 1)
 
 
-def kl_selected(q, latents, selected_scores, indices, slot_probs, layout: SparseLayout, *, scale, row_fraction=1.0):
+def kl_selected(
+    q, latents, selected_scores, indices, slot_probs, layout: SparseLayout, *, scale, row_fraction=1.0, generator=None
+):
     """Sparse-stage KL over each row's selected columns. selected_scores: the indexer's scores of the selected
     columns [B, R, K] (any value in unused slots); indices [B, R, K]; slot_probs, from the op: token mode, the
     main attention's head-averaged probabilities of the selected tokens [B, L, K]; block mode, each selected
-    block's mass [B, R, K] (NaN in rows the op had no room for) or None (see `_block_kl_selected`)."""
+    block's mass [B, R, K] (NaN in rows the op had no room for) or None (see `_block_kl_selected`, which
+    draws rows with `generator`)."""
     if layout.token_level:
         s, n = _kl(_normalise(slot_probs), selected_scores)
         return s / max(n, 1)
-    args = dict(scale=scale, row_fraction=row_fraction)
+    args = dict(scale=scale, row_fraction=row_fraction, generator=generator)
     return _block_kl_selected(q, latents, selected_scores, indices, slot_probs, layout, **args)
 
 
-def draw_rows(layout: SparseLayout, fraction: float) -> tuple[torch.Tensor, float]:
+def draw_rows(
+    layout: SparseLayout, fraction: float, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, float]:
     """Of the C rows (query blocks) that have eligible columns, m = ceil(fraction * C) in a window at a
     uniform random start, wrapping around -> (the drawn rows, ascending; C / m). Each row is drawn with
     probability m / C, so a sum over the drawn rows times C / m is unbiased; a window keeps them contiguous
@@ -108,11 +113,13 @@ def draw_rows(layout: SparseLayout, fraction: float) -> tuple[torch.Tensor, floa
     m = max(1, math.ceil(fraction * C))
     if C == 0 or m >= C:
         return candidates, 1.0
-    start = int(torch.randint(C, ()))
+    start = int(torch.randint(C, (), generator=generator))
     return candidates[(start + torch.arange(m, device=candidates.device)) % C].sort().values, C / m
 
 
-def _block_kl_selected(q, latents, selected_scores, indices, op_mass, layout: SparseLayout, *, scale, row_fraction=1.0):
+def _block_kl_selected(
+    q, latents, selected_scores, indices, op_mass, layout: SparseLayout, *, scale, row_fraction=1.0, generator=None
+):
     """Block mode: the mean KL over the (sequence, query block) rows that selected a block. Rows whose target
     the op returned (`op_mass`) count exactly; the others are estimated from the query blocks `draw_rows`
     draws (unbiased: their sum times C / m), whose targets come from fused SDPA calls over the contiguous
@@ -127,7 +134,7 @@ def _block_kl_selected(q, latents, selected_scores, indices, op_mass, layout: Sp
         total = total + kl[known & supported].sum()
     missing = supported & ~known
     if missing.any():
-        drawn, weight = draw_rows(layout, row_fraction)
+        drawn, weight = draw_rows(layout, row_fraction, generator)
         q, latents = layout.pad(q, 2), layout.pad(latents, 1)
         for run in torch.tensor_split(drawn, (torch.diff(drawn) > 1).nonzero().flatten() + 1):  # contiguous runs
             qb0, qb1 = int(run[0]), int(run[-1]) + 1
