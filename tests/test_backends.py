@@ -141,20 +141,12 @@ def test_a_rows_output_is_the_same_bits_in_a_call_of_any_size(shared):
     rows, seqs = torch.tensor([5, 6, 7]), torch.zeros(3, dtype=torch.long)
     for n_threads in (2, 4):
         with cpu_threads(n_threads):
-            outs = [
-                torch_block.gathered_attention(
-                    q[:n],
-                    *layout.gather_key_blocks(latents, indices[:n], seqs[:n], rows[:n], shared),
-                    rows[:n],
-                    None,
-                    shared,
-                    layout,
-                    0.1,
-                    32,
-                    False,
-                )[0][0]
-                for n in (1, 2, 3)
-            ]
+            outs = []
+            for n in (1, 2, 3):
+                keys, mask = layout.gather_key_blocks(latents, indices[:n], seqs[:n], rows[:n])
+                mask = None if shared else mask
+                out, _ = torch_block.gathered_attention(q[:n], keys, mask, rows[:n], None, layout, 0.1, 32, False)
+                outs.append(out[0])
         assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
 
 
@@ -322,3 +314,16 @@ def test_rank_mask_gradient_equals_reference(D, some_rows):
     )
     assert_backends_agree(ref, got)
     assert ref["dbias"].abs().max() > 0.01
+
+
+def test_masks_and_indicators_first_built_in_evaluation_serve_training():
+    """The op builds its shared masks and block indicators once per shape (`shared_mask`, `block_indicator`);
+    ones first built under inference mode (validation) must still take part in a training backward."""
+    torch_block._shared_mask.cache_clear()
+    torch_block._block_indicator.cache_clear()
+    idx, layout = random_selection(2, 128, 4, 8, 16)
+    q, latents, _ = float64_inputs(2, 3, 128, 16)  # 8 value columns, 8 free for the indicators
+    with torch.inference_mode():
+        torch_block_attention(q, latents, idx, layout, scale=0.3, v_dim=8)
+    assert torch_block._shared_mask.cache_info().currsize and torch_block._block_indicator.cache_info().currsize
+    assert_equals_reference(torch_block_attention, q, latents, idx, layout)

@@ -40,6 +40,8 @@ so where a call's key blocks fit in those columns they carry one-hot block indic
 there is each query's attention mass per key block: the indexer KL's target, at no extra cost.
 """
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -158,10 +160,8 @@ def grouped_attention(q, latents, indices, slot_bias, flags, row0: int, layout: 
     outs, masses = [], []
     for (part, width, flag, full), q_part, group_keys, group_blocks in zip(groups, q_parts, keys, blocks):
         row_bias = bias[part, :width] if flag else None
-        mask = layout.key_mask(group_blocks, rows[part], shared=full)
-        o, mass = gathered_attention(
-            q_part, group_keys, mask, rows[part], row_bias, full, layout, scale, v_dim, zero_bias=zero_bias
-        )
+        mask = None if full else layout.key_mask(group_blocks, rows[part])
+        o, mass = gathered_attention(q_part, group_keys, mask, rows[part], row_bias, layout, scale, v_dim, zero_bias)
         outs.append(o)
         masses.append(F.pad(mass, (0, width_max - width)))  # unused slots hold no mass
     out, mass = concat(outs), concat(masses)
@@ -172,9 +172,32 @@ def grouped_attention(q, latents, indices, slot_bias, flags, row0: int, layout: 
 
 
 def block_indicator(S: int, block_size: int, width: int, like: torch.Tensor) -> torch.Tensor:
-    """[S, width] one-hot rows: row s is 1 in the column of its key block, s // block_size (none past width)."""
-    block_of = torch.arange(S, device=like.device) // block_size
-    return (block_of[:, None] == torch.arange(width, device=like.device)).to(like.dtype)
+    """[S, width] one-hot rows: row s is 1 in the column of its key block, s // block_size (none past width).
+    Built once per shape, dtype and device, as is `shared_mask`: each call of the op would otherwise spend a
+    few small operations on them, each of which may wake the CPU's threads."""
+    return _block_indicator(S, block_size, width, like.dtype, like.device)
+
+
+@functools.lru_cache(maxsize=64)
+def _block_indicator(S: int, block_size: int, width: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    with torch.inference_mode(False):  # one first made in evaluation serves training too
+        block_of = torch.arange(S, device=device) // block_size
+        return (block_of[:, None] == torch.arange(width, device=device)).to(dtype)
+
+
+def shared_mask(layout: SparseLayout, past_blocks: int, heads: int, like: torch.Tensor) -> torch.Tensor:
+    """The additive mask of rows whose every slot is in use, [1, 1, Q * heads, (past_blocks + m) * block_size]:
+    the past blocks visible, the diagonal ones causal; a query's heads are consecutive rows."""
+    return _shared_mask(layout.query_block, past_blocks * layout.block_size, heads, like.dtype, like.device)
+
+
+@functools.lru_cache(maxsize=64)
+def _shared_mask(query_block: int, past: int, heads: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    with torch.inference_mode(False):
+        q = torch.arange(query_block, device=device)
+        visible = torch.cat([torch.ones(query_block, past, dtype=torch.bool, device=device), q[None] <= q[:, None]], 1)
+        mask = torch.zeros(visible.shape, dtype=dtype, device=device).masked_fill(~visible, float("-inf"))
+        return mask.repeat_interleave(heads, dim=0)[None, None]
 
 
 def indicator_values(
@@ -235,22 +258,21 @@ def key_heads(n: int, heads: int, device: torch.device) -> int:
     return next((s for s in range(1, heads + 1) if heads % s == 0 and n * s >= threads), heads)
 
 
-def gathered_attention(
-    q, keys, mask, rows, slot_bias, shared: bool, layout: SparseLayout, scale, v_dim, zero_bias: bool
-):
+def gathered_attention(q, keys, mask, rows, slot_bias, layout: SparseLayout, scale, v_dim, zero_bias: bool):
     """n rows over their gathered key blocks (`SparseLayout.gather_blocks`, the w selected then the diagonal
-    ones): q [n, Q, H, D], keys [n, S, D], mask [n or 1, Q, S] (`SparseLayout.key_mask`), rows [n] (each
-    row's query block), slot_bias [n, w] or None; `shared`: every slot of every row in use; `zero_bias`: the
-    slot bias is 0 in value (checked once per call of the op) -> (out [n, Q, H, v_dim], the mass of the w
-    selected slots [n, w], NaN where it did not fit)"""
+    ones): q [n, Q, H, D], keys [n, S, D], mask [n, Q, S] per row (`SparseLayout.key_mask`) or None where
+    every slot of every row is in use (`shared_mask`), rows [n] (each row's query block), slot_bias [n, w] or
+    None; `zero_bias`: the slot bias is 0 in value (checked once per call of the op) -> (out [n, Q, H, v_dim],
+    the mass of the w selected slots [n, w], NaN where it did not fit)"""
     n, Q, H, D = q.shape
+    m, bs = layout.blocks_per_query_block, layout.block_size
+    w = keys.shape[1] // bs - m
     keys = keys[:, None]  # [n, 1, S, D]: one SDPA batch row per (sequence, query block)
+    shared = mask is None
     if shared:  # one mask for all: a row's Q * H (query, head) pairs as one head
-        queries, mask = q.reshape(n, 1, Q * H, D), mask.repeat_interleave(H, dim=1)[None]
+        queries, mask = q.reshape(n, 1, Q * H, D), shared_mask(layout, w, H, q)
     else:  # a mask per row, shared by its H heads (one key head for them), never repeated per head
         queries, mask = q.transpose(1, 2), mask[:, None]
-    m, bs = layout.blocks_per_query_block, layout.block_size
-    w = keys.shape[2] // bs - m
     bias = None if slot_bias is None else torch.cat([slot_bias, slot_bias.new_zeros(n, m)], -1).to(q.dtype)
     fits = w + m <= keys.shape[-1] - v_dim  # the block indicators, in the value columns past v_dim
     through_values = bias is not None and fits and zero_bias
