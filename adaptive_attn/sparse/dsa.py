@@ -204,7 +204,10 @@ class DeepSeekSparseAttention(nn.Module):
         share of the dense attention mass they hold, against as many positions chosen at random (scores
         [B, R, C] drawn from the layer's control stream in place of the indexer's)."""
         selected = layout.selection_mask(indices)
-        random_scores = torch.rand(scores.shape, generator=self.control_draws, dtype=scores.dtype).to(scores.device)
+        # the stream stays on the CPU (checkpoints carry it); the draws are made on the scores' device
+        seed = int(torch.randint(2**62, (), generator=self.control_draws))
+        device_draws = torch.Generator(device=scores.device).manual_seed(seed)
+        random_scores = torch.rand(scores.shape, generator=device_draws, dtype=scores.dtype, device=scores.device)
         random_selected = layout.selection_mask(self.selector(random_scores, k_hard, layout))
         recall, random_recall = losses.attention_mass_recall(q, latents, [selected, random_selected], scale=scale)
         return {"selected": selected, "attn_mass_recall": recall, "attn_mass_recall_random": random_recall}
