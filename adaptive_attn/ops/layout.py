@@ -29,6 +29,14 @@ def check_blocks(block_size: int, query_block: int) -> None:
         )
 
 
+def visible_keys(query_block: int, past_keys: int, device) -> torch.Tensor:
+    """What a query block sees when every slot of its row is in use, [Q, past_keys + Q] bool: its selected
+    past keys, then its own block causally."""
+    arange_q = torch.arange(query_block, device=device)
+    past = torch.ones(query_block, past_keys, dtype=torch.bool, device=device)
+    return torch.cat([past, arange_q[None, :] <= arange_q[:, None]], dim=1)
+
+
 class SparseLayout:
     def __init__(self, seq_len: int, block_size: int = 1, query_block: int | None = None, device="cpu"):
         query_block = block_size if query_block is None else query_block
@@ -145,10 +153,9 @@ class SparseLayout:
         diagonal causal."""
         m, bs, qb = self.blocks_per_query_block, self.block_size, self.query_block
         n, Kb = blocks.shape
-        arange_q = torch.arange(qb, device=blocks.device)
         if shared:
-            past = torch.ones(qb, (Kb - m) * bs, dtype=torch.bool, device=blocks.device)
-            return torch.cat([past, arange_q[None, :] <= arange_q[:, None]], dim=1)[None]
+            return visible_keys(qb, (Kb - m) * bs, blocks.device)[None]
+        arange_q = torch.arange(qb, device=blocks.device)
         key_pos = (blocks[..., None] * bs + torch.arange(bs, device=blocks.device)).view(n, -1)
         key_ok = (blocks >= 0)[..., None].expand(-1, -1, bs).reshape(n, -1)
         q_pos = rows[:, None] * qb + arange_q

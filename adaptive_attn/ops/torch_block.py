@@ -45,7 +45,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from adaptive_attn.ops.layout import SparseLayout
+from adaptive_attn.ops.layout import SparseLayout, visible_keys
 
 
 def split(x: torch.Tensor, sizes: list[int], dim: int = 0):
@@ -194,8 +194,7 @@ def shared_mask(layout: SparseLayout, past_blocks: int, heads: int, like: torch.
 @functools.lru_cache(maxsize=64)
 def _shared_mask(query_block: int, past: int, heads: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     with torch.inference_mode(False):
-        q = torch.arange(query_block, device=device)
-        visible = torch.cat([torch.ones(query_block, past, dtype=torch.bool, device=device), q[None] <= q[:, None]], 1)
+        visible = visible_keys(query_block, past, device)
         mask = torch.zeros(visible.shape, dtype=dtype, device=device).masked_fill(~visible, float("-inf"))
         return mask.repeat_interleave(heads, dim=0)[None, None]
 
