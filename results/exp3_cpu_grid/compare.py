@@ -1,0 +1,84 @@
+"""The tables of this directory's README: what the grid has cost so far, and its paired differences against
+the committed study's jobs of the same (data, length, seed).   python results/exp3_cpu_grid/compare.py"""
+
+from pathlib import Path
+
+import pandas as pd
+
+from adaptive_attn.analysis.findings import mean_ci, paired
+from adaptive_attn.analysis.results import load_runs
+
+HERE, STUDY = Path(__file__).parent, Path(__file__).parents[1] / "exp3_cpu"
+PLANNED = {
+    ("counting", 64): 40,
+    ("counting", 128): 18,
+    ("text_domains", 512): 33,
+    ("text_domains", 1024): 33,
+    ("text_domains", 2048): 33,
+}  # run.sh's 157 jobs
+PAIRS = [
+    ("adaptive10", "fixed10"),
+    ("adaptive", "fixed25"),
+    ("adaptive_topp", "fixed25"),
+    ("adaptive10", "shuffled10"),
+    ("adaptive", "shuffled"),
+    ("oracle", "fixed25"),
+    ("oracle10", "fixed10"),
+    ("fixed10", "dense"),
+    ("fixed25", "dense"),
+    ("fixed50", "dense"),
+    ("fixed75", "dense"),
+]
+
+
+def ok_runs(root: Path) -> pd.DataFrame:
+    runs = load_runs(root)
+    runs = runs[runs["status"] == "ok"].copy()
+    runs["job"] = runs["run_dir"].map(lambda d: Path(d).name)
+    return runs
+
+
+def cost_row(label: str, jobs: str, here: float, committed: float) -> str:
+    ratio = f"{here / committed:.2f}" if committed else "–"
+    return f"| {label} | {jobs} | {here / 3600:.2f} | {committed / 3600:.2f} | {ratio} |"
+
+
+def cost_table(grid: pd.DataFrame, study: pd.DataFrame) -> str:
+    study_wall = study.set_index(["data", "job"])["wall_s"]
+
+    def committed(runs: pd.DataFrame) -> float:
+        return study_wall.loc[list(zip(runs["data"], runs["job"]))].sum()
+
+    lines = [
+        "| data | L | jobs finished | job-hours here | the same jobs committed | here / committed |",
+        "|---|---|---|---|---|---|",
+    ]
+    for (data, length), planned in PLANNED.items():
+        cell = grid[(grid["data"] == data) & (grid["seq_len"] == length)]
+        lines.append(cost_row(f"{data} | {length}", f"{len(cell)} of {planned}", cell["wall_s"].sum(), committed(cell)))
+    return "\n".join(lines + [cost_row("all |", f"{len(grid)} of 157", grid["wall_s"].sum(), committed(grid))])
+
+
+def pairs_table(grid: pd.DataFrame, study: pd.DataFrame) -> str:
+    lines = [
+        "| data | L | comparison | metric | here (one commit) | committed, same seeds | committed, all seeds |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for (data, length), cell in grid.groupby(["data", "seq_len"]):
+        metric = "val_loss" if data == "text_domains" else "val_acc"
+        committed = study[(study["data"] == data) & (study["seq_len"] == length)]
+        for model, baseline in PAIRS:
+            here, before = (paired(runs, model, baseline, metric, "diff") for runs in (cell, committed))
+            if here.empty:
+                continue
+            same_seeds = before[before.index.isin(here.index)]
+            lines.append(
+                f"| {data} | {length} | {model} - {baseline} | {metric} | {mean_ci(here)} | "
+                f"{mean_ci(same_seeds)} | {mean_ci(before)} |"
+            )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    grid, study = ok_runs(HERE), ok_runs(STUDY)
+    print(cost_table(grid, study), pairs_table(grid, study), sep="\n\n")
