@@ -1,5 +1,7 @@
 """The tables of this directory's README: what the grid has cost so far, and its paired differences against
-the committed study's jobs of the same (data, length, seed).   python results/exp3_cpu_grid/compare.py"""
+the superseded jobs of the same (data, length, seed), which ran over many commits (`results/exp3_cpu_multicommit`).
+The grid's finished parts live in the study (`results/exp3_cpu/text`), the rest here.
+    python results/exp3_cpu_grid/compare.py"""
 
 from pathlib import Path
 
@@ -8,7 +10,8 @@ import pandas as pd
 from adaptive_attn.analysis.findings import mean_ci, paired
 from adaptive_attn.analysis.results import load_runs
 
-HERE, STUDY = Path(__file__).parent, Path(__file__).parents[1] / "exp3_cpu"
+HERE = Path(__file__).parent
+STUDY, SUPERSEDED = HERE.parent / "exp3_cpu", HERE.parent / "exp3_cpu_multicommit"
 PLANNED = {
     ("counting", 64): 40,
     ("counting", 128): 18,
@@ -54,11 +57,11 @@ def cost_row(label: str, jobs: str, runs: pd.DataFrame, committed) -> str:
     return f"| {label} | {jobs} | {here / 3600:.2f} | {before / 3600:.2f} | {ratios[0]} | {ratios[1]} ({len(clean)}) |"
 
 
-def cost_table(grid: pd.DataFrame, study: pd.DataFrame) -> str:
-    study_wall = study.set_index(["data", "job"])["wall_s"]
+def cost_table(grid: pd.DataFrame, superseded: pd.DataFrame) -> str:
+    before_wall = superseded.set_index(["data", "job"])["wall_s"]
 
     def committed(runs: pd.DataFrame) -> float:
-        return study_wall.loc[list(zip(runs["data"], runs["job"]))].sum()
+        return before_wall.loc[list(zip(runs["data"], runs["job"]))].sum()
 
     lines = [
         "| data | L | jobs finished | job-hours here | the same jobs committed | here / committed "
@@ -71,14 +74,14 @@ def cost_table(grid: pd.DataFrame, study: pd.DataFrame) -> str:
     return "\n".join(lines + [cost_row("all |", f"{len(grid)} of 157", grid, committed)])
 
 
-def pairs_table(grid: pd.DataFrame, study: pd.DataFrame) -> str:
+def pairs_table(grid: pd.DataFrame, superseded: pd.DataFrame) -> str:
     lines = [
         "| data | L | comparison | metric | here (one commit) | committed, same seeds | committed, all seeds |",
         "|---|---|---|---|---|---|---|",
     ]
     for (data, length), cell in grid.groupby(["data", "seq_len"]):
         metric = "val_loss" if data == "text_domains" else "val_acc"
-        committed = study[(study["data"] == data) & (study["seq_len"] == length)]
+        committed = superseded[(superseded["data"] == data) & (superseded["seq_len"] == length)]
         for model, baseline in PAIRS:
             here, before = (paired(runs, model, baseline, metric, "diff") for runs in (cell, committed))
             if here.empty:
@@ -92,5 +95,7 @@ def pairs_table(grid: pd.DataFrame, study: pd.DataFrame) -> str:
 
 
 if __name__ == "__main__":
-    grid, study = ok_runs(HERE), ok_runs(STUDY)
-    print(cost_table(grid, study), pairs_table(grid, study), sep="\n\n")
+    grid = pd.concat([ok_runs(STUDY / "text"), ok_runs(HERE)], ignore_index=True)
+    # counting's superseded jobs stay in the study until the grid's counting is finished
+    superseded = pd.concat([ok_runs(SUPERSEDED), ok_runs(STUDY / "counting")], ignore_index=True)
+    print(cost_table(grid, superseded), pairs_table(grid, superseded), sep="\n\n")
