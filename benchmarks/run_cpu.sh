@@ -2,8 +2,10 @@
 # The CPU tables of README: op level (token mode up to L=2048, block mode up to 4096) and model level
 # (training steps timed in turns, with the component breakdown and Amdahl's bound), and what the training
 # entry point's malloc policy is worth (host: a training step under glibc's policy and under the kept heap).
-#   bash benchmarks/run_cpu.sh [OUT_DIR] [op|model|host|all]
-# REPEATS (default 9) sets the rounds of the block-mode model rows: more where a CPU's speed drifts a lot.
+#   bash benchmarks/run_cpu.sh [OUT_DIR] [op|model|block|host|all]
+# `block` runs only the block-mode model rows (research and default model). REPEATS (default 9) sets their
+# rounds: more where a CPU's speed drifts a lot. OMP_NUM_THREADS=1 times them as the CPU sweeps run (one
+# thread per job, two jobs at once).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-results}
@@ -18,7 +20,7 @@ if [ "$PART" = op ] || [ "$PART" = all ]; then
   python benchmarks/attention.py --modes token --lengths 256 512 1024 2048 --keeps 0.25 0.5 0.75 --ks 64 \
       --json "$OUT/attention_cpu_token.json" | tee "$OUT/attention_cpu_token.txt"
 fi
-if [ "$PART" = model ] || [ "$PART" = all ]; then
+if [ "$PART" = model ] || [ "$PART" = block ] || [ "$PART" = all ]; then
   MODELS="--models dense fixed25 adaptive --repeats ${REPEATS:-9} --calibrate 60 --breakdown"
   # the research model on text (block mode: key blocks of 64, query blocks of 128; at L=512, 16 and 32, since
   # keep 0.25 of 512 tokens is no more than a query block of 128 attends anyway)
@@ -32,6 +34,8 @@ if [ "$PART" = model ] || [ "$PART" = all ]; then
   python benchmarks/throughput.py $MODELS --seq-len 2048 --batch 1 \
       --overrides data=text model.sparse.block_size=64 model.sparse.query_block=128 \
       --json "$OUT/throughput_cpu_default_L2048.json" | tee "$OUT/throughput_cpu_default_L2048.txt"
+fi
+if [ "$PART" = model ] || [ "$PART" = all ]; then
   # the default model in token mode at L=256
   python benchmarks/throughput.py --models dense fixed25 fixed50 adaptive adaptive_topp --repeats 11 --calibrate 60 \
       --breakdown --seq-len 256 --batch 8 --overrides data=text \
