@@ -83,3 +83,19 @@ def test_moe_output_of_a_token_ignores_other_tokens():
     y, _ = moe(x)
     y_alone, _ = moe(x[:, 3:4])
     assert torch.allclose(y[:, 3], y_alone[:, 0], atol=1e-12)
+
+
+def test_moe_output_is_each_tokens_gated_experts_plus_the_shared_one():
+    torch.manual_seed(0)
+    moe = DeepSeekMoE(16, n_routed=4, top_k=2, d_ff_expert=8).double()
+    moe.router_bias[3] = -10.0  # expert 3 gets no token: an empty slice
+    x = torch.randn(2, 9, 16, dtype=torch.float64)
+    y, _ = moe(x)
+    flat, y = x.reshape(-1, 16), y.reshape(-1, 16)
+    affinity = torch.sigmoid(moe.router(flat))
+    chosen = torch.topk(affinity + moe.router_bias, 2, dim=-1).indices
+    assert not (chosen == 3).any()
+    for t, token in enumerate(flat[:, None]):
+        gates = affinity[t, chosen[t]] / affinity[t, chosen[t]].sum()
+        routed = sum(g * moe.experts[int(e)](token) for g, e in zip(gates, chosen[t]))
+        assert torch.allclose(y[t], (moe.shared(token) + routed)[0], atol=1e-12)

@@ -57,12 +57,8 @@ class DeepSeekMoE(nn.Module):
         gates = affinity.gather(-1, chosen)
         gates = gates / gates.sum(-1, keepdim=True)
 
-        out = torch.zeros_like(flat)  # summed in the residual stream's dtype (experts run in bf16 under autocast)
-        for e, expert in enumerate(self.experts):
-            token, slot = torch.nonzero(chosen == e, as_tuple=True)
-            if token.numel():
-                expert_out = self._run_padded(expert, flat[token]) * gates[token, slot, None]
-                out.index_add_(0, token, expert_out.to(out.dtype))
+        routed = self._run_routed(flat, chosen).to(flat.dtype)  # [N, K, D]; summed in the residual stream's dtype
+        out = (routed * gates[..., None].to(flat.dtype)).sum(1)  # (experts run in bf16 under autocast)
         if self.shared is not None:
             out = out + self.shared(flat)
 
@@ -70,6 +66,18 @@ class DeepSeekMoE(nn.Module):
         if self.training:
             self.last_load = counts.sum(0).detach().float()
         return out.view(B, L, D), self._balance_loss(affinity.view(B, L, -1), counts.view(B, L, -1))
+
+    def _run_routed(self, flat: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+        """flat [N, D], chosen experts [N, K] -> each choice's expert output [N, K, D].
+
+        The N * K choices are sorted by expert once, so that each expert takes one contiguous slice and the
+        backward scatters into the input's gradient once, not once per expert (a few small operations per
+        expert, each of which wakes every CPU thread, cost more than a small expert's own products)."""
+        order = chosen.flatten().argsort(stable=True)
+        counts = torch.bincount(chosen.flatten(), minlength=self.n_routed).tolist()
+        parts = flat.index_select(0, order // self.top_k).split(counts)
+        outputs = torch.cat([self._run_padded(e, part) if len(part) else part for e, part in zip(self.experts, parts)])
+        return outputs.index_select(0, order.argsort()).view(*chosen.shape, -1)
 
     @staticmethod
     def _run_padded(expert: nn.Module, x: torch.Tensor, multiple: int = 16) -> torch.Tensor:
