@@ -1,7 +1,7 @@
-"""The tables of this directory's README: what the grid has cost so far, and its paired differences against
-the superseded jobs of the same (data, length, seed), which ran over many commits (`results/exp3_cpu_multicommit`).
-The grid's finished parts live in the study (`results/exp3_cpu/text`), the rest here.
-    python results/exp3_cpu_grid/compare.py"""
+"""The grid tables of this directory's README: what the planned grid (`run.sh`: `counting/` and `text/`) cost,
+and its paired differences against the superseded jobs of the same (data, length, seed), which ran over many
+commits (`results/exp3_cpu_multicommit`).
+    python results/exp3_cpu/compare.py"""
 
 from pathlib import Path
 
@@ -11,7 +11,7 @@ from adaptive_attn.analysis.findings import mean_ci, paired
 from adaptive_attn.analysis.results import load_runs
 
 HERE = Path(__file__).parent
-STUDY, SUPERSEDED = HERE.parent / "exp3_cpu", HERE.parent / "exp3_cpu_multicommit"
+SUPERSEDED = HERE.parent / "exp3_cpu_multicommit"
 PLANNED = {
     ("counting", 64): 40,
     ("counting", 128): 18,
@@ -95,7 +95,6 @@ def pairs_table(grid: pd.DataFrame, superseded: pd.DataFrame) -> str:
 
 
 if __name__ == "__main__":
-    grid = pd.concat([ok_runs(STUDY / "text"), ok_runs(HERE)], ignore_index=True)
-    # counting's superseded jobs stay in the study until the grid's counting is finished
-    superseded = pd.concat([ok_runs(SUPERSEDED), ok_runs(STUDY / "counting")], ignore_index=True)
+    grid = pd.concat([ok_runs(HERE / "text"), ok_runs(HERE / "counting")], ignore_index=True)
+    superseded = ok_runs(SUPERSEDED)
     print(cost_table(grid, superseded), pairs_table(grid, superseded), sep="\n\n")

@@ -1,10 +1,10 @@
 #!/bin/bash
 # The planned Experiment 3 grid on this CPU (157 jobs: counting L=64-128, text L=512-2048), all at one commit,
 # in two lanes of one thread each. Re-running it skips every job whose summary.json says ok, so the grid can
-# run in pieces:   bash results/exp3_cpu_grid/run.sh   (from the repository root)
+# run in pieces:   bash results/exp3_cpu/run.sh   (from the repository root)
 set -u
 export GOMP_SPINCOUNT=0 OMP_NUM_THREADS=1
-OUT=${OUT:-results/exp3_cpu_grid}
+OUT=${OUT:-results/exp3_cpu}
 MAIN=dense,fixed10,fixed25,adaptive10,adaptive,shuffled10
 train() { python -m adaptive_attn.train -m "$@"; }
 
