@@ -57,8 +57,9 @@ class DeepSeekMoE(nn.Module):
         gates = affinity.gather(-1, chosen)
         gates = gates / gates.sum(-1, keepdim=True)
 
-        routed = self._run_routed(flat, chosen).to(flat.dtype)  # [N, K, D]; summed in the residual stream's dtype
-        out = (routed * gates[..., None].to(flat.dtype)).sum(1)  # (experts run in bf16 under autocast)
+        # summed in the residual stream's dtype (experts run in bf16 under autocast)
+        routed = self._run_routed(flat, chosen).to(flat.dtype)  # [N, K, D]
+        out = (routed * gates[..., None].to(flat.dtype)).sum(1)
         if self.shared is not None:
             out = out + self.shared(flat)
 
@@ -71,10 +72,11 @@ class DeepSeekMoE(nn.Module):
         """flat [N, D], chosen experts [N, K] -> each choice's expert output [N, K, D].
 
         The N * K choices are sorted by expert once, so that each expert takes one contiguous slice and the
-        backward scatters into the input's gradient once, not once per expert (a few small operations per
-        expert, each of which wakes every CPU thread, cost more than a small expert's own products)."""
-        order = chosen.flatten().argsort(stable=True)
-        counts = torch.bincount(chosen.flatten(), minlength=self.n_routed).tolist()
+        backward scatters into the input's gradient once, not once per expert (a per-expert gather's backward
+        writes a zeroed gradient of all N tokens)."""
+        experts = chosen.flatten()
+        order = experts.argsort(stable=True)
+        counts = torch.bincount(experts, minlength=self.n_routed).tolist()
         parts = flat.index_select(0, order // self.top_k).split(counts)
         outputs = torch.cat([self._run_padded(e, part) if len(part) else part for e, part in zip(self.experts, parts)])
         return outputs.index_select(0, order.argsort()).view(*chosen.shape, -1)
