@@ -1,8 +1,11 @@
 """The grid tables of this directory's README: what the planned grid (`run.sh`: `counting/` and `text/`) cost,
-and its paired differences against the superseded jobs of the same (data, length, seed), which ran over many
-commits (`results/exp3_cpu_multicommit`).
+its paired differences against the superseded jobs of the same (data, length, seed), which ran over many
+commits (`results/exp3_cpu_multicommit`), and what one dense warm-up per (data, length, seed) saves
+(`run_warm_start.sh`): counted from each job's val_curve, and measured on the groups in
+`results/exp3_cpu_warm_start`.
     python results/exp3_cpu/compare.py"""
 
+import json
 from pathlib import Path
 
 import pandas as pd
@@ -12,6 +15,8 @@ from adaptive_attn.analysis.results import load_runs
 
 HERE = Path(__file__).parent
 SUPERSEDED = HERE.parent / "exp3_cpu_multicommit"
+WARM_STARTED = HERE.parent / "exp3_cpu_warm_start"
+SAME = ["val_loss", "val_acc", "test_loss", "test_acc", "val_acc_auc"]  # warm-started in token mode: bit for bit
 PLANNED = {
     ("counting", 64): 40,
     ("counting", 128): 18,
@@ -94,7 +99,82 @@ def pairs_table(grid: pd.DataFrame, superseded: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+def warmup_seconds(run_dir: str) -> float:
+    """A sparse run's training seconds to the end of its dense warm-up (its val_curve has a point there); 0 for
+    a run without a warm-up."""
+    summary = json.loads((Path(run_dir) / "summary.json").read_text())
+    steps = summary["config"]["module"]["dense_warmup_steps"]
+    at_end = [p["wall_s"] for p in summary["val_curve"] if p["step"] == steps]
+    return at_end[0] if steps and summary["model"] != "dense" else 0.0
+
+
+def warm_start_check(grid: pd.DataFrame, warm: pd.DataFrame) -> str:
+    """The jobs re-run by `run_warm_start.sh` against the grid's: wall time, the warm-up they skipped, whether
+    each result is the same bits; then each re-run group's time against the grid's, measured and counted."""
+    keyed = grid.set_index(["data", "job"])
+    lines = [
+        "| data | job | wall s (run.sh) | wall s (warm start) | saved s | warm-up s (run.sh) | same results |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    warm = warm.assign(
+        started=[
+            json.loads((Path(d) / "summary.json").read_text()).get("warm_started_from") is not None
+            for d in warm["run_dir"]
+        ]
+    )
+    for _, run in warm.sort_values(["data", "seq_len", "seed", "job"]).iterrows():
+        before = keyed.loc[(run["data"], run["job"])]
+        same = all(run[m] == before[m] for m in SAME)
+        lines.append(
+            f"| {run['data']} | {run['job']}{' (warm start)' if run['started'] else ''} | {before['wall_s']:.0f} | "
+            f"{run['wall_s']:.0f} | {before['wall_s'] - run['wall_s']:.0f} | {before['warmup_s']:.0f} | "
+            f"{'yes' if same else 'no'} |"
+        )
+    lines += [
+        "",
+        "| group | warm start / run.sh, measured | counted | jobs run as in run.sh, measured |",
+        "|---|---|---|---|",
+    ]
+    for (data, length, seed), runs in warm.groupby(["data", "seq_len", "seed"]):
+        before = keyed.loc[[(data, job) for job in runs["job"]]]
+        controls = runs[~runs["started"]]
+        lines.append(
+            f"| {data} L={length} seed {seed} | {runs['wall_s'].sum() / before['wall_s'].sum():.3f} | "
+            f"{before['warm_cost'].sum() / before['wall_s'].sum():.3f} | "
+            f"{controls['wall_s'].sum() / keyed.loc[[(data, j) for j in controls['job']], 'wall_s'].sum():.3f} |"
+        )
+    return "\n".join(lines)
+
+
+def warm_start_cost(grid: pd.DataFrame) -> str:
+    """The grid's cost with one dense warm-up per (data, length, seed), as `run_warm_start.sh` runs it (column
+    `warm_cost`), and when its two lanes, taking the groups costliest first, would end."""
+    lines = [
+        "| data | L | job-hours (run.sh) | warm-ups skipped | job-hours, one warm-up per length and seed |",
+        "|---|---|---|---|---|",
+    ]
+    for (data, length), cell in grid.groupby(["data", "seq_len"]):
+        run_sh, warm = cell["wall_s"].sum() / 3600, cell["warm_cost"].sum() / 3600
+        lines.append(f"| {data} | {length} | {run_sh:.2f} | {run_sh - warm:.2f} | {warm:.2f} |")
+    total = grid["warm_cost"].sum() / 3600
+    lines.append(f"| all | | {grid['wall_s'].sum() / 3600:.2f} | | **{total:.2f}** ({total / 2:.1f} h two lanes) |")
+    lanes = [0.0, 0.0]
+    for cost in grid.groupby(["data", "seq_len", "seed"])["warm_cost"].sum().sort_values(ascending=False):
+        lanes[lanes.index(min(lanes))] += cost / 3600
+    return (
+        "\n".join(lines)
+        + f"\n\nTwo lanes taking the groups costliest first end after {max(lanes):.2f} and {min(lanes):.2f} hours."
+    )
+
+
 if __name__ == "__main__":
     grid = pd.concat([ok_runs(HERE / "text"), ok_runs(HERE / "counting")], ignore_index=True)
     superseded = ok_runs(SUPERSEDED)
     print(cost_table(grid, superseded), pairs_table(grid, superseded), sep="\n\n")
+    grid["warmup_s"] = grid["run_dir"].map(warmup_seconds)
+    # every sparse arm but fixed10 skips its training seconds to the warm-up's end (a lower bound on what it
+    # skips: the validations within the warm-up are not counted)
+    grid["warm_cost"] = grid["wall_s"] - grid["warmup_s"].where(grid["model"] != "fixed10", 0.0)
+    print("", warm_start_cost(grid), sep="\n")
+    if WARM_STARTED.is_dir():
+        print("", warm_start_check(grid, ok_runs(WARM_STARTED)), sep="\n")
