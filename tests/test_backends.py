@@ -6,6 +6,7 @@ import torch
 from adaptive_attn.ops import torch_block, torch_token
 from adaptive_attn.ops.dispatch import resolve_backend, sparse_attention, triton_available
 from adaptive_attn.ops.layout import SparseLayout
+from adaptive_attn.ops.rows import permute_rows
 from adaptive_attn.ops.torch_block import torch_block_attention
 from adaptive_attn.ops.torch_token import torch_token_attention
 from adaptive_attn.sparse import losses
@@ -23,6 +24,18 @@ def assert_equals_reference(backend, q, latents, idx, layout, bias=None, **kwarg
     ref = attention_and_grads("reference", q, latents, idx, layout, bias)
     got = attention_and_grads(backend, q, latents, idx, layout, bias, **kwargs)
     assert_backends_agree(ref, got)
+
+
+def test_permuted_rows_and_their_gradient_are_index_selects_bits():
+    x = torch.randn(37, 3, 5, requires_grad=True)
+    order = torch.randperm(37)
+    grad = torch.randn(37, 3, 5)
+    permuted = permute_rows(x, order, torch.argsort(order))
+    (expected_grad,) = torch.autograd.grad(x.index_select(0, order), x, grad)
+    (got_grad,) = torch.autograd.grad(permuted, x, grad)
+    assert torch.equal(permuted, x.index_select(0, order))
+    assert torch.equal(got_grad, expected_grad)
+    assert torch.equal(permute_rows(x.detach(), order, torch.argsort(order)), x.detach()[order])
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,8 @@ its heads. Four things keep the work close to the selection's own:
   one SDPA call (a few within `max_call` pairs), whichever sequences and positions its rows come from, so
   budgets that vary per sequence and per query block take about as many calls as there are widths
   (`row_groups`);
-- rows are reordered only when they are not in group order already (one copy each way), and inputs are cut
+- rows are reordered only when they are not in group order already (one copy each way, whose backward is a
+  copy too: `permute_rows`), and inputs are cut
   with `split`, whose backward is one concatenation, rather than sliced per call, whose backward writes a
   full-size zero gradient each time; for the same reason one gather of key blocks serves every call (a
   gather's backward scatters into a zeroed gradient of all the latents, and with two CPU threads each such
@@ -46,17 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from adaptive_attn.ops.layout import SparseLayout, visible_keys
-
-
-def split(x: torch.Tensor, sizes: list[int], dim: int = 0):
-    """`x.split(sizes, dim)`, but x itself when there is one part: the backward of a split is a
-    concatenation, a full copy even of a single part."""
-    return [x] if len(sizes) == 1 else x.split(sizes, dim)
-
-
-def concat(parts: list[torch.Tensor], dim: int = 0) -> torch.Tensor:
-    """`torch.cat(parts, dim)`, but the part itself when there is one (a concatenation copies it)."""
-    return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
+from adaptive_attn.ops.rows import concat, permute_rows, split
 
 
 def whole_past_query_blocks(used: torch.Tensor, layout: SparseLayout) -> int:
@@ -152,8 +143,10 @@ def grouped_attention(q, latents, indices, slot_bias, flags, row0: int, layout: 
     free = latents.shape[-1] - v_dim if zero_bias else -1
     order, groups = row_groups((indices >= 0).sum(-1), flags.repeat(B), layout, H, max_call, free)
     if order is not None:
-        q, indices, seqs, rows = (t.index_select(0, order) for t in (q, indices, seqs, rows))
-        bias = None if bias is None else bias.index_select(0, order)
+        inverse = torch.argsort(order)
+        q = permute_rows(q, order, inverse)
+        indices, seqs, rows = (t.index_select(0, order) for t in (indices, seqs, rows))
+        bias = None if bias is None else permute_rows(bias, order, inverse)
     blocks = [layout.key_blocks(indices[part, :width], rows[part]) for part, width, _, _ in groups]
     keys = layout.gather_blocks(latents, blocks, [seqs[group[0]] for group in groups])
     q_parts = split(q, [group[0].stop - group[0].start for group in groups])
@@ -166,8 +159,7 @@ def grouped_attention(q, latents, indices, slot_bias, flags, row0: int, layout: 
         masses.append(F.pad(mass, (0, width_max - width)))  # unused slots hold no mass
     out, mass = concat(outs), concat(masses)
     if order is not None:
-        inverse = torch.argsort(order)
-        out, mass = out.index_select(0, inverse), mass.index_select(0, inverse)
+        out, mass = permute_rows(out, inverse, order), mass.index_select(0, inverse)
     return out.view(B, rows_per_seq * Q, H, v_dim), mass[:, :K].view(B, rows_per_seq, K)
 
 

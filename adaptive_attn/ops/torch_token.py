@@ -4,7 +4,8 @@ import torch
 import torch.nn.functional as F
 
 from adaptive_attn.ops.layout import SparseLayout
-from adaptive_attn.ops.torch_block import slot_widths, split
+from adaptive_attn.ops.rows import permute_rows, split
+from adaptive_attn.ops.torch_block import slot_widths
 
 SLOT_TILE = 8  # a query's slots round up to a multiple of at least this (small: k = 65 gathers 72)
 GATHER_MAX = 2**20  # elements one gather takes at most (several chunks): few scatter-adds in backward, gathers in cache
@@ -91,13 +92,14 @@ def torch_token_attention(
     entries = (entries + torch.arange(B, device=q.device)[:, None, None] * L).masked_fill(entries < 0, -1)
     widths = slot_widths((indices >= 0).sum(-1).flatten().clamp(min=1), SLOT_TILE)  # [B*L]
     order = widths.argsort(stable=True)
+    inverse = torch.argsort(order)
     entries = entries.view(B * L, K + pad)[order]  # slot -1 reads entry 0 and is masked
     # scaled here, not by baddbmm's alpha, whose backward scales the larger gradient of the gathered keys
-    q_sorted = q.transpose(1, 2).reshape(B * L, H, D).index_select(0, order) * scale
+    q_sorted = permute_rows(q.transpose(1, 2).reshape(B * L, H, D), order, inverse) * scale
     # one bias per slot, shared by the heads ([N, 1, K]); zeros cost nothing extra inside baddbmm
     bias = q.new_zeros(B * L, 1, K + pad)
     if slot_bias is not None:
-        bias = F.pad(slot_bias.to(q.dtype), (0, pad)).reshape(B * L, 1, K + pad).index_select(0, order)
+        bias = permute_rows(F.pad(slot_bias.to(q.dtype), (0, pad)).reshape(B * L, 1, K + pad), order, inverse)
     flat_latents = latents.reshape(B * L, -1)
     slot_probs = q.new_zeros(B * L, K + pad)
     chunks, spans = [], width_chunks(widths[order], max_chunk, D)
@@ -110,5 +112,5 @@ def torch_token_attention(
         out, probs = GatheredAttention.apply(q_chunk, keys, bias_chunk[..., :n], idx < 0, v_dim)
         slot_probs[order[c0:c1], :n] = probs.mean(1).to(slot_probs.dtype)  # autocast: probs may be bf16
         chunks.append(out)
-    out = torch.cat(chunks).index_select(0, torch.argsort(order))  # back to [B*L] order
+    out = permute_rows(torch.cat(chunks), inverse, order)  # back to [B*L] order
     return out.view(B, L, H, v_dim).transpose(1, 2), slot_probs[:, :K].view(B, L, K)
