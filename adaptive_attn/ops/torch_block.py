@@ -30,9 +30,9 @@ size, but a row's output is the same bits with any number of them).
 A slot bias b_j adds to the logits of slot j's keys; only the rows marked `biased_rows` pay for it. The
 adaptive budget's rank mask is 0 in value and needs only its gradient, sum over queries i and keys s of
 block j of dL/dlogit_is = sum_i dO_i . W_ij - (dO_i . O_i) m_ij, where W_ij is the part of O_i that block j's
-values make and m_ij the block's mass. Where the block indicators fit (below), values scaled by 1 + b_j give
-the first term and a correction -O_i sum_j b_j m_ij (O and m detached) the second: no extra column, and
-the rows marked and unmarked share their calls (factors 1 + 0 change nothing). Any other bias rides in
+values make and m_ij the block's mass. Where the block indicators fit (below), two taps that change nothing
+in the forward pass add both terms in backward (`rank_mask`): no extra column, and the rows marked and
+unmarked share their calls (an unmarked row's bias is 0 in value and gradient). Any other bias rides in
 one extra dimension (query 1, key bias / scale), so SDPA adds it to the logits and returns its gradient
 through the keys' (an odd width: such calls run about a third slower on a CPU).
 
@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from adaptive_attn.ops.layout import SparseLayout, visible_keys
+from adaptive_attn.ops.rank_mask import MassTap, ValueTap
 from adaptive_attn.ops.rows import concat, permute_rows, split
 
 
@@ -192,17 +193,16 @@ def _shared_mask(query_block: int, past: int, heads: int, dtype: torch.dtype, de
 
 
 def indicator_values(
-    keys: torch.Tensor, v_dim: int, n_blocks: int, block_size: int, factor: torch.Tensor | None = None
+    keys: torch.Tensor, v_dim: int, n_blocks: int, block_size: int, value_part: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, bool]:
-    """keys [..., S, W] -> (values, whether they carry block indicators): the keys' first v_dim columns (times
-    `factor` [..., S, 1], if given), then for each of the n_blocks key blocks a column that is 1 on its rows;
-    the keys themselves when the indicators do not fit in the other W - v_dim columns (whose output no one
-    reads)."""
+    """keys [..., S, W] -> (values, whether they carry block indicators): the keys' first v_dim columns (or
+    `value_part`, if given), then for each of the n_blocks key blocks a column that is 1 on its rows; the keys
+    themselves when the indicators do not fit in the other W - v_dim columns (whose output no one reads)."""
     S, W = keys.shape[-2:]
     if n_blocks > W - v_dim:
         return keys, False
     indicator = block_indicator(S, block_size, W - v_dim, keys)
-    value_part = keys[..., :v_dim] if factor is None else keys[..., :v_dim] * factor
+    value_part = keys[..., :v_dim] if value_part is None else value_part
     return torch.cat([value_part, indicator.expand(*keys.shape[:-2], S, W - v_dim)], -1), True
 
 
@@ -267,13 +267,12 @@ def gathered_attention(q, keys, mask, rows, slot_bias, layout: SparseLayout, sca
     bias = None if slot_bias is None else torch.cat([slot_bias, slot_bias.new_zeros(n, m)], -1).to(q.dtype)
     fits = w + m <= keys.shape[-1] - v_dim  # the block indicators, in the value columns past v_dim
     through_values = bias is not None and fits and zero_bias
-    factor = None
-    if through_values:  # a bias of value 0 (the rank mask): its gradient through value factors 1 + b
-        factor = (1 + bias).repeat_interleave(bs, -1)[:, None, :, None]  # [n, 1, S, 1]
-    elif bias is not None:  # any other bias: in one extra dimension of the queries and keys
+    if bias is not None and not through_values:  # a bias of any value: in one extra dimension of queries and keys
         queries = torch.cat([queries, queries.new_ones(*queries.shape[:-1], 1)], dim=-1)
         keys = torch.cat([keys, (bias / scale).repeat_interleave(bs, -1).view(*keys.shape[:-1], 1)], dim=-1)
-    values, carries_mass = indicator_values(keys, v_dim, w + m, bs, factor)
+    # a bias of value 0 (the rank mask): only its gradient, from taps on the values and the output
+    value_part = ValueTap.apply(keys[..., :v_dim], bias, bs) if through_values else None
+    values, carries_mass = indicator_values(keys, v_dim, w + m, bs, value_part)
     copies = key_heads(n, H, q.device)
     if shared:
         queries, mask = queries.reshape(n, copies, -1, queries.shape[-1]), mask.view(1, copies, -1, mask.shape[-1])
@@ -282,9 +281,8 @@ def gathered_attention(q, keys, mask, rows, slot_bias, layout: SparseLayout, sca
     o = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, scale=scale, enable_gqa=gqa)
     o = o.reshape(n, Q, H, -1) if shared else o.transpose(1, 2)
     out = o[..., :v_dim]
-    if through_values:  # d out / d b_j = (mass-weighted values of block j) - out * mass_j: the second term
-        block_mass = o.detach()[..., v_dim : v_dim + w + m]  # [n, Q, H, w + m] per query and head
-        out = out - out.detach() * (block_mass * bias[:, None, None, :]).sum(-1, keepdim=True)
+    if through_values:
+        out = MassTap.apply(out, o.detach()[..., v_dim : v_dim + w + m], bias)  # masses per query and head
     if not carries_mass:
         return out, o.new_full((n, w), float("nan"))
     real = (rows[:, None] * Q + torch.arange(Q, device=q.device)) < layout.seq_len
