@@ -94,7 +94,7 @@ def test_block_backend_takes_one_call_per_slot_width_across_sequences_and_positi
 
 
 def test_a_zero_bias_in_the_values_shares_the_calls_of_unbiased_rows(monkeypatch):
-    """The rank mask (a bias of value 0) rides in value factors where the block indicators fit: the rows
+    """The rank mask (a bias of value 0) takes its gradient from taps where the block indicators fit: the rows
     whose bias carries a gradient share the calls of the other rows of their width, and the output is bit
     for bit that of no bias."""
     idx, layout = random_selection(3, 128, 4, 8, 16)  # 2 diagonal blocks + at most 4 slots: 6 of 8 free columns
@@ -311,11 +311,11 @@ def test_a_rows_output_depends_on_no_other_rows_budget():
     assert torch.equal(out[0], changed[0]) and torch.equal(out[1, :, rows != 20], changed[1, :, rows != 20])
 
 
-@pytest.mark.parametrize("D", [8, 16])  # 2 free value columns: the bias column; 10: through the values
+@pytest.mark.parametrize("D", [8, 16])  # 2 free value columns: the bias column; 10: through taps
 @pytest.mark.parametrize("some_rows", [False, True])
 def test_rank_mask_gradient_equals_reference(D, some_rows):
     """A bias of value 0 (the adaptive budget's rank mask) has the reference's gradient whether it rides in
-    an extra column or, where the block indicators fit, in value factors and a mass correction."""
+    an extra column or, where the block indicators fit, through taps on the values and the output."""
     idx, layout = random_selection(3, 96, 4, 8, 16, per_row=True)
     q, latents, _ = float64_inputs(3, 2, 96, D)
     bias = torch.zeros(idx.shape, dtype=torch.float64, requires_grad=True)

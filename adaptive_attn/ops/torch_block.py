@@ -72,10 +72,10 @@ def row_groups(
     """Rows by their slots in use [n] and bias flag [n] -> (the permutation that sorts them by group, or None
     when they are in order already; [(positions in that order, width, flag, full)], each cut so that its
     (query row, key) pairs stay within `max_call`). A group's rows share a slot width, whether every slot is
-    in use (`full`) and a flag, except where a bias of value 0 can ride in the values: rows whose blocks
-    fit in the `free_columns` value columns then group whatever their flag (an unflagged row's bias is 0 in
-    value and gradient, so factors 1 + 0 leave it bit for bit as it was), and the group is flagged if any
-    of its rows is."""
+    in use (`full`) and a flag, except where a bias of value 0 can take its gradient from the block
+    indicators (`rank_mask`): rows whose blocks fit in the `free_columns` value columns then group whatever
+    their flag (an unflagged row's bias is 0 in value and gradient, so it leaves the row bit for bit as it
+    was), and the group is flagged if any of its rows is."""
     widths = slot_widths(used)
     merged = widths + layout.blocks_per_query_block <= free_columns
     key = (widths * 2 + (flags & ~merged).long()) * 2 + (used == widths).long()
@@ -140,7 +140,7 @@ def grouped_attention(q, latents, indices, slot_bias, flags, row0: int, layout: 
     flat = torch.arange(B * rows_per_seq, device=q.device)
     seqs, rows = flat // rows_per_seq, flat % rows_per_seq + row0
     q = q.reshape(B * rows_per_seq, Q, H, D)
-    zero_bias = bias is not None and not bool(bias.detach().any())  # the rank mask: through value factors
+    zero_bias = bias is not None and not bool(bias.detach().any())  # the rank mask: through taps (`rank_mask`)
     free = latents.shape[-1] - v_dim if zero_bias else -1
     order, groups = row_groups((indices >= 0).sum(-1), flags.repeat(B), layout, H, max_call, free)
     if order is not None:
