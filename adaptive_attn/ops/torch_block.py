@@ -12,11 +12,11 @@ its heads. Four things keep the work close to the selection's own:
   budgets that vary per sequence and per query block take about as many calls as there are widths
   (`row_groups`);
 - rows are reordered only when they are not in group order already (one copy each way, whose backward is a
-  copy too: `permute_rows`), and inputs are cut
-  with `split`, whose backward is one concatenation, rather than sliced per call, whose backward writes a
-  full-size zero gradient each time; for the same reason one gather of key blocks serves every call (a
-  gather's backward scatters into a zeroed gradient of all the latents, and with two CPU threads each such
-  scatter costs a few hundred microseconds however few rows it adds);
+  copy too: `permute_rows`), and inputs are cut with `split`, whose backward is one concatenation, rather
+  than sliced per call, whose backward writes a full-size zero gradient each time; for the same reason one
+  gather of key blocks serves every call (a gather's backward scatters into a zeroed gradient of all the
+  latents, and with two CPU threads each such scatter costs a few hundred microseconds however few rows it
+  adds);
 - a call of fewer rows than CPU threads copies the shared key head (`key_heads`): SDPA's CPU backward is
   several times slower on fewer (row, key head) pairs than threads, and budgets that vary per row make
   such calls often.
