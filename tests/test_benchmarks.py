@@ -49,6 +49,51 @@ def test_attention_benchmark_records(tmp_path):
     assert {(r["mode"], r["pass"]) for r in records} == {(m, p) for m in ("token", "block") for p in ("fwd", "fwdbwd")}
 
 
+def test_attention_forms_benchmark_counts_the_pairs_each_form_attends(tmp_path):
+    out = tmp_path / "forms.json"
+    run_script(
+        "attention_forms.py",
+        "--seq-len",
+        "256",
+        "--heads",
+        "2",
+        "--head-dim",
+        "8",
+        "--rope-dim",
+        "8",
+        "--kv-rank",
+        "16",
+        "--block-size",
+        "16",
+        "--query-block",
+        "32",
+        "--rows",
+        "3",
+        "--selected",
+        "2",
+        "--repeats",
+        "1",
+        "--json",
+        str(out),
+    )
+    records = {r["form"]: r for r in json.loads(out.read_text())}
+
+    assert set(records) == {
+        f"{kind}, {form} form" for kind in ("dense causal", "block call") for form in ("per-head", "MQA")
+    }
+    for r in records.values():
+        assert r["pairs"] == (
+            2 * 256 * 257 // 2 if r["form"].startswith("dense") else 3 * 2 * (32 * 2 * 16 + 32 * 33 // 2)
+        )
+        # ms is rounded to 0.001, ns per pair to 0.0001
+        assert abs(r["ns_per_pair"] - r["ms"] * 1e6 / r["pairs"]) <= 0.0005 * 1e6 / r["pairs"] + 1e-4
+    baseline = records["dense causal, per-head form"]["ns_per_pair"]
+    assert all(
+        abs(r["per_pair_vs_dense"] - r["ns_per_pair"] / baseline) < 2e-3 * r["per_pair_vs_dense"] + 1e-3
+        for r in records.values()
+    )
+
+
 def test_throughput_benchmark_records(tmp_path):
     out = tmp_path / "throughput.json"
     run_script(

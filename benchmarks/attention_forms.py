@@ -1,0 +1,131 @@
+"""What an attended (query, head, key) pair costs in each form of attention a training step runs, forward and
+backward, timed in turns in one process: dense causal SDPA in the dense model's per-head form (the baseline)
+and in MLA's MQA form (every head over the shared latent rows), and one call of the block-sparse op's kind
+(rows of query blocks over their gathered key blocks, the shared mask on the diagonal blocks) in both forms,
+each with its gather of key blocks.
+
+MQA mode multiplies over the latent width (kv_rank + rope_dim) for the scores and for the values; the
+per-head form over head_dim + rope_dim and head_dim padded to it (as the dense model's fused call). The
+defaults are the research model at L=4096 with fixed25's call: 24 query blocks of 128 beyond the whole-past
+prefix, 14 selected key blocks of 64 each.
+
+    GOMP_SPINCOUNT=0 python benchmarks/attention_forms.py --json results/attention_forms.json
+"""
+
+import argparse
+import json
+
+import torch
+import torch.nn.functional as F
+from timing import median, take_turns, wall_ms
+
+from adaptive_attn.ops.layout import SparseLayout
+from adaptive_attn.ops.torch_block import shared_mask
+from adaptive_attn.process import apply_training_settings, device_name
+
+
+def fwd_bwd(run, *leaves):
+    """-> a callable: the output of run(*leaves), summed, backward into the leaves."""
+    return lambda: run(*leaves).sum().backward()
+
+
+def dense_forms(args, qk: int, latent: int) -> dict:
+    """Dense causal attention over the whole sequence -> {name: (fwd+bwd callable, attended pairs)}"""
+    H, L = args.heads, args.seq_len
+    pairs = H * L * (L + 1) // 2
+    leaf = lambda *shape: torch.randn(*shape, requires_grad=True)  # noqa: E731
+
+    def mqa(q, kv):
+        kv = kv.expand(-1, H, -1, -1)
+        return F.scaled_dot_product_attention(q, kv, kv, is_causal=True)
+
+    def per_head(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    q, k, v = (leaf(1, H, L, qk) for _ in range(3))
+    return {
+        "dense causal, per-head form": (fwd_bwd(per_head, q, k, v), pairs),
+        "dense causal, MQA form": (fwd_bwd(mqa, leaf(1, H, L, latent), leaf(1, 1, L, latent)), pairs),
+    }
+
+
+def block_forms(args, qk: int, latent: int) -> dict:
+    """One call of the block op's kind over `rows` query blocks -> {name: (fwd+bwd callable, attended pairs)}"""
+    H, L, n, w = args.heads, args.seq_len, args.rows, args.selected
+    layout = SparseLayout(L, args.block_size, args.query_block)
+    Q, bs, m = layout.query_block, layout.block_size, layout.blocks_per_query_block
+    S = (w + m) * bs
+    blocks = torch.stack([torch.randperm(layout.n_columns)[: w + m] for _ in range(n)]).flatten()
+    pairs = n * H * (Q * w * bs + Q * (Q + 1) // 2)  # the selected blocks, then the causal diagonal
+    leaf = lambda *shape: torch.randn(*shape, requires_grad=True)  # noqa: E731
+
+    def mqa(q, latents):  # latents [blocks, bs * latent]; a row's Q queries of H heads as one head
+        keys = latents.index_select(0, blocks).view(n, 1, S, latent)
+        mask = shared_mask(layout, w, H, q)
+        return F.scaled_dot_product_attention(q, keys, keys, attn_mask=mask)
+
+    def per_head(q, kv):  # kv [H, blocks, bs * 2 qk], head-major: one gather serves every head
+        g = kv.index_select(1, blocks).view(H, n, S, 2 * qk).transpose(0, 1)
+        mask = shared_mask(layout, w, 1, q)
+        return F.scaled_dot_product_attention(q, g[..., :qk], g[..., qk:], attn_mask=mask)
+
+    n_blocks = L // bs
+    return {
+        "block call, per-head form": (fwd_bwd(per_head, leaf(n, H, Q, qk), leaf(H, n_blocks, bs * 2 * qk)), pairs),
+        "block call, MQA form": (fwd_bwd(mqa, leaf(n, 1, Q * H, latent), leaf(n_blocks, bs * latent)), pairs),
+    }
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--seq-len", type=int, default=4096)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--head-dim", type=int, default=16)
+    p.add_argument("--rope-dim", type=int, default=16)
+    p.add_argument("--kv-rank", type=int, default=32)
+    p.add_argument("--block-size", type=int, default=64)
+    p.add_argument("--query-block", type=int, default=128)
+    p.add_argument("--rows", type=int, default=24, help="query blocks in the block call")
+    p.add_argument("--selected", type=int, default=14, help="key blocks each query block selects")
+    p.add_argument("--repeats", type=int, default=9)
+    p.add_argument("--json", default=None)
+    return p.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    apply_training_settings()
+    qk, latent = args.head_dim + args.rope_dim, args.kv_rank + args.rope_dim
+    forms = {**dense_forms(args, qk, latent), **block_forms(args, qk, latent)}
+    runs = take_turns([wall_ms(fn, torch.device("cpu")) for fn, _ in forms.values()], args.repeats, desc="rounds")
+    base_ns = None
+    records = []
+    print(
+        f"{device_name(torch.device('cpu'))} float32; L={args.seq_len}, "
+        f"{args.heads} heads, qk {qk} (per head) / {latent} (latent); forward + backward"
+    )
+    print(f"{'form':32s} {'ms':>8s} {'ns / pair':>10s} {'per pair vs dense, per-head form':>33s}")
+    for (name, (_, pairs)), times in zip(forms.items(), runs):
+        ms = median(times)
+        ns = ms * 1e6 / pairs
+        base_ns = base_ns or ns
+        records.append(
+            {
+                "form": name,
+                "ms": round(ms, 3),
+                "pairs": pairs,
+                "ns_per_pair": round(ns, 4),
+                "per_pair_vs_dense": round(ns / base_ns, 3),
+                "round_ms": [round(t, 3) for t in times],
+                "device": device_name(torch.device("cpu")),
+                **{k: v for k, v in vars(args).items() if k != "json"},
+            }
+        )
+        print(f"{name:32s} {ms:8.1f} {ns:10.2f} {ns / base_ns:33.3f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(records, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
