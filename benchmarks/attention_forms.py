@@ -24,6 +24,10 @@ from adaptive_attn.ops.torch_block import shared_mask
 from adaptive_attn.process import apply_training_settings, device_name
 
 
+def leaf(*shape) -> torch.Tensor:
+    return torch.randn(*shape, requires_grad=True)
+
+
 def fwd_bwd(run, *leaves):
     """-> a callable: the output of run(*leaves), summed, backward into the leaves."""
     return lambda: run(*leaves).sum().backward()
@@ -33,7 +37,6 @@ def dense_forms(args, qk: int, latent: int) -> dict:
     """Dense causal attention over the whole sequence -> {name: (fwd+bwd callable, attended pairs)}"""
     H, L = args.heads, args.seq_len
     pairs = H * L * (L + 1) // 2
-    leaf = lambda *shape: torch.randn(*shape, requires_grad=True)  # noqa: E731
 
     def mqa(q, kv):
         kv = kv.expand(-1, H, -1, -1)
@@ -57,7 +60,6 @@ def block_forms(args, qk: int, latent: int) -> dict:
     S = (w + m) * bs
     blocks = torch.stack([torch.randperm(layout.n_columns)[: w + m] for _ in range(n)]).flatten()
     pairs = n * H * (Q * w * bs + Q * (Q + 1) // 2)  # the selected blocks, then the causal diagonal
-    leaf = lambda *shape: torch.randn(*shape, requires_grad=True)  # noqa: E731
 
     def mqa(q, latents):  # latents [blocks, bs * latent]; a row's Q queries of H heads as one head
         keys = latents.index_select(0, blocks).view(n, 1, S, latent)
@@ -100,8 +102,9 @@ def main() -> None:
     runs = take_turns([wall_ms(fn, torch.device("cpu")) for fn, _ in forms.values()], args.repeats, desc="rounds")
     base_ns = None
     records = []
+    device = device_name(torch.device("cpu"))
     print(
-        f"{device_name(torch.device('cpu'))} float32; L={args.seq_len}, "
+        f"{device} float32; L={args.seq_len}, "
         f"{args.heads} heads, qk {qk} (per head) / {latent} (latent); forward + backward"
     )
     print(f"{'form':32s} {'ms':>8s} {'ns / pair':>10s} {'per pair vs dense, per-head form':>33s}")
@@ -117,7 +120,7 @@ def main() -> None:
                 "ns_per_pair": round(ns, 4),
                 "per_pair_vs_dense": round(ns / base_ns, 3),
                 "round_ms": [round(t, 3) for t in times],
-                "device": device_name(torch.device("cpu")),
+                "device": device,
                 **{k: v for k, v in vars(args).items() if k != "json"},
             }
         )

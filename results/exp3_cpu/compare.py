@@ -99,10 +99,16 @@ def pairs_table(grid: pd.DataFrame, superseded: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+def read_summary(run_dir: str) -> dict:
+    """A run's whole summary.json (`load_runs` keeps its scalar fields only, without val_curve or
+    warm_started_from)."""
+    return json.loads((Path(run_dir) / "summary.json").read_text())
+
+
 def warmup_seconds(run_dir: str) -> float:
     """A sparse run's training seconds to the end of its dense warm-up (its val_curve has a point there); 0 for
     a run without a warm-up."""
-    summary = json.loads((Path(run_dir) / "summary.json").read_text())
+    summary = read_summary(run_dir)
     steps = summary["config"]["module"]["dense_warmup_steps"]
     at_end = [p["wall_s"] for p in summary["val_curve"] if p["step"] == steps]
     return at_end[0] if steps and summary["model"] != "dense" else 0.0
@@ -116,12 +122,7 @@ def warm_start_check(grid: pd.DataFrame, warm: pd.DataFrame) -> str:
         "| data | job | wall s (run.sh) | wall s (warm start) | saved s | warm-up s (run.sh) | same results |",
         "|---|---|---|---|---|---|---|",
     ]
-    warm = warm.assign(
-        started=[
-            json.loads((Path(d) / "summary.json").read_text()).get("warm_started_from") is not None
-            for d in warm["run_dir"]
-        ]
-    )
+    warm = warm.assign(started=[read_summary(d).get("warm_started_from") is not None for d in warm["run_dir"]])
     for _, run in warm.sort_values(["data", "seq_len", "seed", "job"]).iterrows():
         before = keyed.loc[(run["data"], run["job"])]
         same = all(run[m] == before[m] for m in SAME)
