@@ -38,22 +38,30 @@ def compose_train(overrides: list[str]):
         return compose("train", overrides=overrides)
 
 
+ABSENT = object()
+
+
 def model_overrides(name: str, overrides: list[str]) -> list[str]:
     """The overrides that apply to model `name`: its own (`name:key=value`), group choices, and keys its
-    config has."""
+    config has (whatever their value there, null included)."""
     own = [o.split(":", 1)[1] for o in overrides if ":" in o.split("=", 1)[0] and o.split(":", 1)[0] == name]
     general = [o for o in overrides if ":" not in o.split("=", 1)[0]]
     groups = [o for o in general if "." not in o.split("=", 1)[0]]
     cfg = compose_train([f"model={name}", *groups])
-    keys = [o for o in general if "." in o.split("=", 1)[0] and OmegaConf.select(cfg, o.split("=", 1)[0]) is not None]
+    keys = [o for o in general if "." in o.split("=", 1)[0] and has_key(cfg, o.split("=", 1)[0])]
     return groups + keys + own
 
 
-def build_model(name: str, overrides: list[str]):
-    used = model_overrides(name, overrides)
+def has_key(cfg, key: str) -> bool:
+    """Whether `cfg` has `key` (dotted), null-valued or not."""
+    return OmegaConf.select(cfg, key, default=ABSENT) is not ABSENT
+
+
+def build_model(name: str, used: list[str]):
+    """Model `name` under the overrides that apply to it (`model_overrides`) -> (model, its config)"""
     cfg = compose_train([f"model={name}", *used])
     validate(cfg)  # e.g. a budget that selects nothing beyond each query block's own keys
-    return instantiate(cfg.model), cfg, used
+    return instantiate(cfg.model), cfg
 
 
 def training_step(model, batch, calibrate: int, sparse_stage: bool = True, bf16: bool = False):
@@ -185,14 +193,18 @@ def parse_args() -> argparse.Namespace:
 
 def build_steps(args, device: torch.device) -> tuple[list, list[list[str]]]:
     """-> every model's training step (on `device`), and the overrides each took."""
-    steps, applied = [], []
+    applied = [model_overrides(name, [f"seq_len={args.seq_len}", *args.overrides]) for name in args.models]
+    unused = [o for o in args.overrides if ":" not in o.split("=", 1)[0] and not any(o in used for used in applied)]
+    if unused:  # before any model is built: a mistyped key would otherwise apply to none, silently
+        keys = ", ".join(o.split("=", 1)[0] for o in unused)
+        raise SystemExit(f"--overrides: no model of --models {' '.join(args.models)} has the key {keys}")
+    steps = []
     sparse_stage, bf16 = args.stage == "sparse", args.dtype == "bfloat16"
-    for name in tqdm(args.models, desc="build + calibrate"):
+    for name, used in zip(tqdm(args.models, desc="build + calibrate"), applied):
         # same seed for every model: shared weights (budgets draw no random numbers) and the same batch,
         # so MoE routing, and with it the expert GEMM sizes, differ only through attention
         torch.manual_seed(args.seed)
-        model, cfg, used = build_model(name, [f"seq_len={args.seq_len}", *args.overrides])
-        applied.append(used)
+        model, cfg = build_model(name, used)
         tokens = torch.randint(0, cfg.data.vocab_size, (args.batch, args.seq_len + 1)).to(device)
         steps.append(training_step(model.to(device), {"tokens": tokens}, args.calibrate, sparse_stage, bf16))
     return steps, applied

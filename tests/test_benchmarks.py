@@ -226,3 +226,26 @@ def test_median_interval_covers_the_median_as_often_as_it_claims(monkeypatch):
         draws = torch.empty(4000, n).exponential_(generator=generator).tolist()
         covered = [low <= true_median <= high for low, high in map(median_interval, draws)]
         assert abs(sum(covered) / len(covered) - coverage) < 0.015, n
+
+
+def test_throughput_overrides_reach_every_model_that_has_the_key_null_valued_or_not(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    from throughput import model_overrides
+
+    overrides = ["data=text", "model.sparse.block_size=64", "model.sparse.query_block=128"]
+    # model.sparse.query_block is null in the sparse models' config (it then follows block_size)
+    assert model_overrides("fixed25", overrides) == overrides
+    assert model_overrides("dense", overrides) == ["data=text"]  # dense has no model.sparse
+    assert model_overrides("dense", ["fixed25:model.sparse.query_block=16"]) == []
+    assert model_overrides("fixed25", ["fixed25:model.sparse.query_block=16"]) == ["model.sparse.query_block=16"]
+
+
+def test_throughput_benchmark_rejects_a_key_no_model_has_before_any_work():
+    args = ["--models", "dense", "fixed25", "--seq-len", "64", "--batch", "1", "--repeats", "1"]
+    bad = ["--overrides", "experiment=quick", "model.sparse.blok_size=8"]
+    script = str(BENCHMARKS / "throughput.py")
+    done = subprocess.run([sys.executable, script, *args, *bad], capture_output=True, text=True)
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [
+        "--overrides: no model of --models dense fixed25 has the key model.sparse.blok_size"
+    ]
