@@ -2,7 +2,9 @@
 backward, timed in turns in one process: dense causal SDPA in the dense model's per-head form (the baseline)
 and in MLA's MQA form (every head over the shared latent rows), and one call of the block-sparse op's kind
 (rows of query blocks over their gathered key blocks, the shared mask on the diagonal blocks) in both forms,
-each with its gather of key blocks.
+each with its gather of key blocks. The per-head form twice more: with the latent rows gathered and then
+up-projected per head (`expanded`), and with every row's per-head keys and values already in place (`no
+gather`: what no gather could beat).
 
 MQA mode multiplies over the latent width (kv_rank + rope_dim) for the scores and for the values; the
 per-head form over head_dim + rope_dim and head_dim padded to it (as the dense model's fused call). The
@@ -71,11 +73,25 @@ def block_forms(args, qk: int, latent: int) -> dict:
         mask = shared_mask(layout, w, 1, q)
         return F.scaled_dot_product_attention(q, g[..., :qk], g[..., qk:], attn_mask=mask)
 
+    def per_head_expanded(q, latents, w_uk, w_uv):  # the latent rows gathered, then up-projected per head
+        c, k_rope = latents.index_select(0, blocks).view(n, S, latent).split([args.kv_rank, args.rope_dim], -1)
+        k = torch.cat([torch.einsum("nsc,hdc->nhsd", c, w_uk), k_rope[:, None].expand(-1, H, -1, -1)], -1)
+        v = F.pad(torch.einsum("nsc,hdc->nhsd", c, w_uv), (0, qk - args.head_dim))
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=shared_mask(layout, w, 1, q))
+
+    def per_head_in_place(q, k, v):  # each row's per-head keys and values already in place: no gather at all
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=shared_mask(layout, w, 1, q))
+
     n_blocks = L // bs
-    return {
-        "block call, per-head form": (fwd_bwd(per_head, leaf(n, H, Q, qk), leaf(H, n_blocks, bs * 2 * qk)), pairs),
-        "block call, MQA form": (fwd_bwd(mqa, leaf(n, 1, Q * H, latent), leaf(n_blocks, bs * latent)), pairs),
+    q_heads = leaf(n, H, Q, qk)
+    up = [leaf(H, args.head_dim, args.kv_rank) for _ in range(2)]  # W_UK, W_UV
+    forms = {
+        "block call, per-head form": fwd_bwd(per_head, q_heads, leaf(H, n_blocks, bs * 2 * qk)),
+        "block call, per-head, expanded": fwd_bwd(per_head_expanded, q_heads, leaf(n_blocks, bs * latent), *up),
+        "block call, per-head, no gather": fwd_bwd(per_head_in_place, q_heads, leaf(n, H, S, qk), leaf(n, H, S, qk)),
+        "block call, MQA form": fwd_bwd(mqa, leaf(n, 1, Q * H, latent), leaf(n_blocks, bs * latent)),
     }
+    return {name: (fn, pairs) for name, fn in forms.items()}
 
 
 def parse_args() -> argparse.Namespace:
