@@ -12,8 +12,8 @@ reach if everything but attention cost what it costs in the dense step, given it
     GOMP_SPINCOUNT=0 python benchmarks/throughput.py --models dense fixed25 adaptive --seq-len 2048 --batch 2 \
         --overrides experiment=research_text --breakdown
 
-An override `key=value` applies to every model whose config has the key (block sizes skip dense); `name:key=value`
-applies to that model only.
+An override `key=value` applies to every model whose config has the key, null-valued or not (block sizes skip
+dense); `name:key=value` applies to that model only. An override that reaches no model is an error.
 """
 
 import argparse
@@ -191,13 +191,22 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
+def check_overrides(models: list[str], overrides: list[str], applied: list[list[str]]) -> None:
+    """Exit with one line, before any model is built, on an override that would apply to no model: a key no
+    model has (mistyped, say), or `name:key=value` for a model not in `models`."""
+    named = [o.split(":", 1)[0] for o in overrides if ":" in o.split("=", 1)[0]]
+    if strangers := [name for name in named if name not in models]:
+        raise SystemExit(f"--overrides: {', '.join(strangers)} is not one of --models {' '.join(models)}")
+    unused = [o for o in overrides if ":" not in o.split("=", 1)[0] and not any(o in used for used in applied)]
+    if unused:
+        keys = ", ".join(o.split("=", 1)[0] for o in unused)
+        raise SystemExit(f"--overrides: no model of --models {' '.join(models)} has the key {keys}")
+
+
 def build_steps(args, device: torch.device) -> tuple[list, list[list[str]]]:
     """-> every model's training step (on `device`), and the overrides each took."""
     applied = [model_overrides(name, [f"seq_len={args.seq_len}", *args.overrides]) for name in args.models]
-    unused = [o for o in args.overrides if ":" not in o.split("=", 1)[0] and not any(o in used for used in applied)]
-    if unused:  # before any model is built: a mistyped key would otherwise apply to none, silently
-        keys = ", ".join(o.split("=", 1)[0] for o in unused)
-        raise SystemExit(f"--overrides: no model of --models {' '.join(args.models)} has the key {keys}")
+    check_overrides(args.models, args.overrides, applied)
     steps = []
     sparse_stage, bf16 = args.stage == "sparse", args.dtype == "bfloat16"
     for name, used in zip(tqdm(args.models, desc="build + calibrate"), applied):

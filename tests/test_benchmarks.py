@@ -239,12 +239,16 @@ def test_throughput_overrides_reach_every_model_that_has_the_key_null_valued_or_
     assert model_overrides("fixed25", ["fixed25:model.sparse.query_block=16"]) == ["model.sparse.query_block=16"]
 
 
-def test_throughput_benchmark_rejects_a_key_no_model_has_before_any_work():
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("model.sparse.blok_size=8", "no model of --models dense fixed25 has the key model.sparse.blok_size"),
+        ("fixed50:model.sparse.block_size=8", "fixed50 is not one of --models dense fixed25"),
+    ],
+)
+def test_throughput_benchmark_rejects_an_override_that_reaches_no_model_before_any_work(override, message):
     args = ["--models", "dense", "fixed25", "--seq-len", "64", "--batch", "1", "--repeats", "1"]
-    bad = ["--overrides", "experiment=quick", "model.sparse.blok_size=8"]
     script = str(BENCHMARKS / "throughput.py")
-    done = subprocess.run([sys.executable, script, *args, *bad], capture_output=True, text=True)
+    done = subprocess.run([sys.executable, script, *args, "--overrides", override], capture_output=True, text=True)
     assert done.returncode == 1
-    assert done.stderr.strip().splitlines() == [
-        "--overrides: no model of --models dense fixed25 has the key model.sparse.blok_size"
-    ]
+    assert done.stderr.strip().splitlines() == [f"--overrides: {message}"]
