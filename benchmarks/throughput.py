@@ -32,13 +32,12 @@ from adaptive_attn.lit.module import split_batch
 from adaptive_attn.nn.component import COMPONENTS, component
 from adaptive_attn.process import apply_training_settings, device_name
 
+ABSENT = object()  # `has_key`'s default for OmegaConf.select: returned only for a key the config lacks
+
 
 def compose_train(overrides: list[str]):
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         return compose("train", overrides=overrides)
-
-
-ABSENT = object()
 
 
 def model_overrides(name: str, overrides: list[str]) -> list[str]:
