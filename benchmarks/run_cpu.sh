@@ -3,9 +3,10 @@
 # (training steps timed in turns, with the component breakdown and Amdahl's bound), and what the training
 # entry point's malloc policy is worth (host: a training step under glibc's policy and under the kept heap).
 #   bash benchmarks/run_cpu.sh [OUT_DIR] [op|model|block|host|all]
-# `block` runs only the block-mode model rows (research and default model) and the per-pair cost of each
-# attention form (`attention_forms.py`). REPEATS (default 9) sets their rounds: more where a CPU's speed
-# drifts a lot. OMP_NUM_THREADS=1 times them as the CPU sweeps run (one thread per job, two jobs at once).
+# `block` runs only the block-mode model rows (research and default model), the per-pair cost of each
+# attention form (`attention_forms.py`) and the rows' figure (`plot_speed.py`). REPEATS (default 9) sets
+# their rounds: more where a CPU's speed drifts a lot. OMP_NUM_THREADS=1 times them as the CPU sweeps run
+# (one thread per job, two jobs at once).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-results}
@@ -36,6 +37,9 @@ if [ "$PART" = model ] || [ "$PART" = block ] || [ "$PART" = all ]; then
       --json "$OUT/throughput_cpu_default_L2048.json" | tee "$OUT/throughput_cpu_default_L2048.txt"
   # what an attended pair costs in each form (research model, L=4096, fixed25's block call)
   python benchmarks/attention_forms.py --json "$OUT/attention_forms_L4096.json" | tee "$OUT/attention_forms_L4096.txt"
+  # the block-mode rows as a figure: each model's step by component
+  python benchmarks/plot_speed.py "$OUT"/throughput_cpu_research_L{512,1024,2048,4096}.json \
+      "$OUT/throughput_cpu_default_L2048.json" --out "$OUT/speed_breakdown.png"
 fi
 if [ "$PART" = model ] || [ "$PART" = all ]; then
   # the default model in token mode at L=256

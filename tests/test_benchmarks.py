@@ -93,7 +93,7 @@ def test_attention_forms_benchmark_counts_the_pairs_each_form_attends(tmp_path):
     )
 
 
-def test_throughput_benchmark_records(tmp_path):
+def test_throughput_benchmark_records(tmp_path, monkeypatch):
     out = tmp_path / "throughput.json"
     run_script(
         "throughput.py",
@@ -132,6 +132,20 @@ def test_throughput_benchmark_records(tmp_path):
     assert vs_fixed["model"] == "fixed25" and "vs_fixed" not in fixed
     tokens_per_s = 2 * 128 / fixed["step_ms"] * 1000
     assert fixed["step_ms"] > 0 and abs(fixed["tokens_per_s"] - tokens_per_s) < 0.01 * tokens_per_s
+
+    # the figure of these records: each bar stacks the model's whole profiled step, labelled with its ratios
+    figure = tmp_path / "speed.png"
+    run_script("plot_speed.py", str(out), str(out), "--out", str(figure))
+    assert figure.read_bytes().startswith(b"\x89PNG")
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    from plot_speed import panel
+
+    drawn = panel(out)
+    assert "block_size=8" in drawn["title"] and "query_block=16" in drawn["title"]
+    for bar, r in zip(drawn["bars"], records, strict=True):
+        assert sum(bar["ms"].values()) == pytest.approx(r["breakdown_ms"]["total"], abs=0.05)
+    assert drawn["bars"][2]["label"].startswith(f"{adaptive['ratio_vs_baseline']:.2f}x dense [")
+    assert drawn["bars"][2]["label"].endswith(f"; {vs_fixed['ratio']:.2f}x fixed25")
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="switches glibc's malloc policy")
