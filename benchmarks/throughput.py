@@ -40,11 +40,16 @@ def compose_train(overrides: list[str]):
         return compose("train", overrides=overrides)
 
 
+def named_model(override: str) -> str | None:
+    """The model a `name:key=value` override is for; None for `key=value`, which is for every model."""
+    return override.split(":", 1)[0] if ":" in override.split("=", 1)[0] else None
+
+
 def model_overrides(name: str, overrides: list[str]) -> list[str]:
     """The overrides that apply to model `name`: its own (`name:key=value`), group choices, and keys its
     config has (whatever their value there, null included)."""
-    own = [o.split(":", 1)[1] for o in overrides if ":" in o.split("=", 1)[0] and o.split(":", 1)[0] == name]
-    general = [o for o in overrides if ":" not in o.split("=", 1)[0]]
+    own = [o.split(":", 1)[1] for o in overrides if named_model(o) == name]
+    general = [o for o in overrides if named_model(o) is None]
     groups = [o for o in general if "." not in o.split("=", 1)[0]]
     cfg = compose_train([f"model={name}", *groups])
     keys = [o for o in general if "." in o.split("=", 1)[0] and has_key(cfg, o.split("=", 1)[0])]
@@ -193,10 +198,10 @@ def parse_args() -> argparse.Namespace:
 def check_overrides(models: list[str], overrides: list[str], applied: list[list[str]]) -> None:
     """Exit with one line, before any model is built, on an override that would apply to no model: a key no
     model has (mistyped, say), or `name:key=value` for a model not in `models`."""
-    named = [o.split(":", 1)[0] for o in overrides if ":" in o.split("=", 1)[0]]
-    if strangers := [name for name in named if name not in models]:
+    named = [named_model(o) for o in overrides]
+    if strangers := [name for name in named if name is not None and name not in models]:
         raise SystemExit(f"--overrides: {', '.join(strangers)} is not one of --models {' '.join(models)}")
-    unused = [o for o in overrides if ":" not in o.split("=", 1)[0] and not any(o in used for used in applied)]
+    unused = [o for o, name in zip(overrides, named) if name is None and not any(o in used for used in applied)]
     if unused:
         keys = ", ".join(o.split("=", 1)[0] for o in unused)
         raise SystemExit(f"--overrides: no model of --models {' '.join(models)} has the key {keys}")
