@@ -4,7 +4,8 @@
 # entry point's malloc policy is worth (host: a training step under glibc's policy and under the kept heap).
 #   bash benchmarks/run_cpu.sh [OUT_DIR] [op|model|block|host|all]
 # `block` runs only the block-mode model rows (research and default model), the per-pair cost of each
-# attention form (`attention_forms.py`) and the rows' figure (`plot_speed.py`). REPEATS (default 9) sets
+# attention form (`attention_forms.py`), a BLAS-built backward of the block call against SDPA's
+# (`attention_backward.py`) and the rows' figure (`plot_speed.py`). REPEATS (default 9) sets
 # their rounds: more where a CPU's speed drifts a lot. OMP_NUM_THREADS=1 times them as the CPU sweeps run
 # (one thread per job, two jobs at once).
 set -euo pipefail
@@ -37,6 +38,9 @@ if [ "$PART" = model ] || [ "$PART" = block ] || [ "$PART" = all ]; then
       --json "$OUT/throughput_cpu_default_L2048.json" | tee "$OUT/throughput_cpu_default_L2048.txt"
   # what an attended pair costs in each form (research model, L=4096, fixed25's block call)
   python benchmarks/attention_forms.py --json "$OUT/attention_forms_L4096.json" | tee "$OUT/attention_forms_L4096.txt"
+  # whether a backward built from BLAS products could beat SDPA's on that call
+  python benchmarks/attention_backward.py --repeats "${REPEATS:-9}" --json "$OUT/attention_backward_L4096.json" \
+      | tee "$OUT/attention_backward_L4096.txt"
   # the block-mode rows as a figure: each model's step by component
   python benchmarks/plot_speed.py "$OUT"/throughput_cpu_research_L{512,1024,2048,4096}.json \
       "$OUT/throughput_cpu_default_L2048.json" --out "$OUT/speed_breakdown.png"

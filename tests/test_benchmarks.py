@@ -93,6 +93,24 @@ def test_attention_forms_benchmark_counts_the_pairs_each_form_attends(tmp_path):
     )
 
 
+def test_attention_backward_benchmark_checks_its_blas_backward_against_sdpa(tmp_path):
+    out = tmp_path / "backward.json"
+    shape = ["--seq-len", "256", "--heads", "2", "--rope-dim", "8", "--kv-rank", "16", "--block-size", "16"]
+    shape += ["--query-block", "32", "--rows", "3", "--selected", "2", "--dtype", "float64"]
+    # tiles of 24 of a row's 64 query rows: the last one shorter
+    run_script("attention_backward.py", *shape, "--tile", "24", "--repeats", "1", "--json", str(out))
+    records = {r["form"]: r for r in json.loads(out.read_text())}
+
+    blas = {"BLAS backward, rows over threads", "BLAS backward, each row on all threads"}
+    assert set(records) == blas | {"SDPA's fused backward", "its products alone, rows over threads"}
+    for form in blas:  # the same gradients as SDPA's backward, in float64
+        assert records[form]["max_grad_error"] < 1e-10
+    assert records["its products alone, rows over threads"]["max_grad_error"] is None  # no gradient to compare
+    base = records["SDPA's fused backward"]["ms"]
+    for r in records.values():
+        assert r["ms"] > 0 and abs(r["vs_sdpa"] - r["ms"] / base) <= 0.0005 * (1 + r["vs_sdpa"]) / base + 0.0005
+
+
 def test_throughput_benchmark_records(tmp_path, monkeypatch):
     out = tmp_path / "throughput.json"
     run_script(
