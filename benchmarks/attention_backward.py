@@ -19,6 +19,7 @@ import threading
 
 import torch
 import torch.nn.functional as F
+from attention_forms import block_call_arguments
 from timing import median, take_turns, timed_call
 
 from adaptive_attn.ops.layout import SparseLayout
@@ -126,18 +127,9 @@ def backward_forms(call: dict, args, grads: dict) -> dict:
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--seq-len", type=int, default=4096)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--rope-dim", type=int, default=16)
-    p.add_argument("--kv-rank", type=int, default=32)
-    p.add_argument("--block-size", type=int, default=64)
-    p.add_argument("--query-block", type=int, default=128)
-    p.add_argument("--rows", type=int, default=24, help="query blocks in the block call")
-    p.add_argument("--selected", type=int, default=14, help="key blocks each query block selects")
+    block_call_arguments(p)
     p.add_argument("--tile", type=int, default=256, help="query rows per tile of the BLAS backward")
     p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
-    p.add_argument("--repeats", type=int, default=9)
-    p.add_argument("--json", default=None)
     return p.parse_args()
 
 

@@ -94,11 +94,10 @@ def block_forms(args, qk: int, latent: int) -> dict:
     return {name: (fn, pairs) for name, fn in forms.items()}
 
 
-def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def block_call_arguments(p: argparse.ArgumentParser) -> None:
+    """The shape of the block call (by default fixed25's in the research model at L=4096), and the rounds."""
     p.add_argument("--seq-len", type=int, default=4096)
     p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--head-dim", type=int, default=16)
     p.add_argument("--rope-dim", type=int, default=16)
     p.add_argument("--kv-rank", type=int, default=32)
     p.add_argument("--block-size", type=int, default=64)
@@ -107,6 +106,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--selected", type=int, default=14, help="key blocks each query block selects")
     p.add_argument("--repeats", type=int, default=9)
     p.add_argument("--json", default=None)
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    block_call_arguments(p)
+    p.add_argument("--head-dim", type=int, default=16)
     return p.parse_args()
 
 
