@@ -50,7 +50,7 @@ def row_backward(q, keys, grad_out, lse, delta, mask, scale: float, tile: int, e
     return dq, dk
 
 
-def blas_backward(q, keys, out, lse, grad_out, mask, scale: float, tile: int, split: bool, exact: bool = True):
+def blas_backward(q, keys, out, grad_out, lse, mask, scale: float, tile: int, split: bool, exact: bool = True):
     """q [n, M, W], keys [n, S, W], out and grad_out [n, M, v_dim], lse [n, M], mask [M, S] -> (dq, dk), each
     row on one thread (`split`, its products single-threaded) or all threads on each row in turn."""
     delta = (grad_out * out).sum(-1, keepdim=True)
@@ -108,8 +108,7 @@ def backward_forms(call: dict, args, grads: dict) -> dict:
                     q, keys, keys, attn_mask=mask, scale=scale
                 )[:2]
             flat = [t.detach().view(n, t.shape[-2], -1) for t in (q, keys, out[..., :v_dim], grad_out[..., :v_dim])]
-            m = mask.view(mask.shape[-2:])
-            inputs = (*flat[:3], lse.view(n, -1), flat[3], m, scale, args.tile, split, exact)
+            inputs = (*flat, lse.view(n, -1), mask.view(mask.shape[-2:]), scale, args.tile, split, exact)
             ms, grads[name] = timed_call(lambda: blas_backward(*inputs), CPU)
             return ms
 
