@@ -23,7 +23,7 @@ from attention_forms import block_call_arguments
 from timing import median, take_turns, timed_call
 
 from adaptive_attn.ops.layout import SparseLayout
-from adaptive_attn.ops.torch_block import shared_mask
+from adaptive_attn.ops.sdpa_block import shared_mask
 from adaptive_attn.process import apply_training_settings, device_name
 
 CPU = torch.device("cpu")

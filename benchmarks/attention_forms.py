@@ -4,7 +4,8 @@ and in MLA's MQA form (every head over the shared latent rows), and one call of 
 (rows of query blocks over their gathered key blocks, the shared mask on the diagonal blocks) in both forms,
 each with its gather of key blocks. The per-head form twice more: with the latent rows gathered and then
 up-projected per head (`expanded`), and with every row's per-head keys and values already in place (`no
-gather`: what no gather could beat).
+gather`: what no gather could beat). Last, the MQA form's call in the `cpu` backend's C++ kernel
+(`block_kernel`), which multiplies the values over their kv_rank columns only.
 
 MQA mode multiplies over the latent width (kv_rank + rope_dim) for the scores and for the values; the
 per-head form over head_dim + rope_dim and head_dim padded to it (as the dense model's fused call). The
@@ -21,8 +22,9 @@ import torch
 import torch.nn.functional as F
 from timing import median, take_turns, wall_ms
 
+from adaptive_attn.ops import block_kernel
 from adaptive_attn.ops.layout import SparseLayout
-from adaptive_attn.ops.torch_block import shared_mask
+from adaptive_attn.ops.sdpa_block import shared_mask
 from adaptive_attn.process import apply_training_settings, device_name
 
 
@@ -68,6 +70,10 @@ def block_forms(args, qk: int, latent: int) -> dict:
         mask = shared_mask(layout, w, H, q)
         return F.scaled_dot_product_attention(q, keys, keys, attn_mask=mask)
 
+    def mqa_kernel(q, latents):  # the `cpu` backend's kernel on the same rows, values over their kv_rank columns
+        keys = latents.index_select(0, blocks).view(n, S, latent)
+        return block_kernel.block_attention(q, keys, None, None, w, bs, latent**-0.5, args.kv_rank)[0]
+
     def per_head(q, kv):  # kv [H, blocks, bs * 2 qk], head-major: one gather serves every head
         g = kv.index_select(1, blocks).view(H, n, S, 2 * qk).transpose(0, 1)
         mask = shared_mask(layout, w, 1, q)
@@ -91,6 +97,8 @@ def block_forms(args, qk: int, latent: int) -> dict:
         "block call, per-head, no gather": fwd_bwd(per_head_in_place, q_heads, leaf(n, H, S, qk), leaf(n, H, S, qk)),
         "block call, MQA form": fwd_bwd(mqa, leaf(n, 1, Q * H, latent), leaf(n_blocks, bs * latent)),
     }
+    if block_kernel.takes(q_heads):
+        forms["block call, MQA, cpu kernel"] = fwd_bwd(mqa_kernel, leaf(n, Q, H, latent), leaf(n_blocks, bs * latent))
     return {name: (fn, pairs) for name, fn in forms.items()}
 
 

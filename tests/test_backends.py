@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from adaptive_attn.ops import torch_block, torch_token
+from adaptive_attn.ops import sdpa_block, torch_block, torch_token
 from adaptive_attn.ops.dispatch import resolve_backend, sparse_attention, triton_available
 from adaptive_attn.ops.layout import SparseLayout
 from adaptive_attn.ops.rows import permute_rows
@@ -131,8 +131,8 @@ def test_calls_with_fewer_rows_than_threads_copy_the_key_head_and_equal_referenc
     q, latents, _ = float64_inputs(1, 3, 96, D)
     bias = torch.zeros(idx.shape, dtype=torch.float64, requires_grad=True)
     copies = []
-    key_heads = torch_block.key_heads
-    monkeypatch.setattr(torch_block, "key_heads", lambda *a: copies.append(key_heads(*a)) or copies[-1])
+    key_heads = sdpa_block.key_heads
+    monkeypatch.setattr(sdpa_block, "key_heads", lambda *a: copies.append(key_heads(*a)) or copies[-1])
     with cpu_threads(8):
         assert_equals_reference(torch_block_attention, q, latents, idx, layout)
         ref = attention_and_grads("reference", q, latents, idx, layout, bias)
@@ -158,7 +158,7 @@ def test_a_rows_output_is_the_same_bits_in_a_call_of_any_size(shared):
             for n in (1, 2, 3):
                 keys, mask = layout.gather_key_blocks(latents, indices[:n], seqs[:n], rows[:n])
                 mask = None if shared else mask
-                out, _ = torch_block.gathered_attention(q[:n], keys, mask, rows[:n], None, layout, 0.1, 32, False)
+                out, _ = sdpa_block.gathered_attention(q[:n], keys, mask, rows[:n], None, layout, 0.1, 32, False)
                 outs.append(out[0])
         assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
 
@@ -211,9 +211,10 @@ def test_full_selection_equals_dense_causal_attention():
     assert (out - dense).abs().max() < 1e-10
 
 
-def test_auto_backend_picks_the_fused_kernels_on_cuda_only():
+def test_auto_backend_picks_the_fused_kernels_of_each_device():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert resolve_backend("auto", cpu, 64, 128) == "torch"
+    assert resolve_backend("auto", cpu, 64, 128) == "cpu"
+    assert resolve_backend("auto", cpu, 1) == "torch"
     assert resolve_backend("auto", cuda, 64, 128) == "flex"
     assert resolve_backend("auto", cuda, 8, 8) == "torch"  # smaller than FlexAttention's tile
     assert resolve_backend("auto", cuda, 1) == ("triton" if triton_available() else "torch")
@@ -223,6 +224,8 @@ def test_auto_backend_picks_the_fused_kernels_on_cuda_only():
         resolve_backend("flex", cuda, 8, 16)
     with pytest.raises(ValueError, match="triton is token-level"):
         resolve_backend("triton", cpu, 64)
+    with pytest.raises(ValueError, match="flex and cpu are block-level"):
+        resolve_backend("cpu", cpu, 1)
 
 
 @pytest.mark.parametrize("block,qblock", [(1, 1), (8, 8)])
@@ -332,11 +335,11 @@ def test_rank_mask_gradient_equals_reference(D, some_rows):
 def test_masks_and_indicators_first_built_in_evaluation_serve_training():
     """The op builds its shared masks and block indicators once per shape (`shared_mask`, `block_indicator`);
     ones first built under inference mode (validation) must still take part in a training backward."""
-    torch_block._shared_mask.cache_clear()
-    torch_block._block_indicator.cache_clear()
+    sdpa_block._shared_mask.cache_clear()
+    sdpa_block._block_indicator.cache_clear()
     idx, layout = random_selection(2, 128, 4, 8, 16)
     q, latents, _ = float64_inputs(2, 3, 128, 16)  # 8 value columns, 8 free for the indicators
     with torch.inference_mode():
         torch_block_attention(q, latents, idx, layout, scale=0.3, v_dim=8)
-    assert torch_block._shared_mask.cache_info().currsize and torch_block._block_indicator.cache_info().currsize
+    assert sdpa_block._shared_mask.cache_info().currsize and sdpa_block._block_indicator.cache_info().currsize
     assert_equals_reference(torch_block_attention, q, latents, idx, layout)

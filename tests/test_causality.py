@@ -25,7 +25,8 @@ TINY = [
     "model.moe.d_ff_expert=32",
 ]
 SPARSE_MODELS = [m for m in group_options("model") if m != "dense"]
-MODES = {"token": [], "block": ["model.sparse.block_size=4", "model.sparse.query_block=8"]}
+BLOCKS = ["model.sparse.block_size=4", "model.sparse.query_block=8"]
+MODES = {"token": [], "block": BLOCKS, "block_sdpa": [*BLOCKS, "model.sparse.backend=torch"]}  # auto: `cpu` kernel
 INDEXERS = {"default": ([], 1.0), "confident": (["model.sparse.indexer.n_heads=1"], 10.0)}
 
 

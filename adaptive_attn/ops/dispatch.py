@@ -7,11 +7,14 @@ Backends, each in its own module, tested equal to `reference`:
 - `reference`: dense scores plus a mask built from the selection; O(L^2), the oracle for tests.
 - `torch`: gathers only the selected rows (token mode) or key blocks (block mode, fused SDPA).
 - `triton` (token mode): a fused kernel, forward and backward, for GPUs.
+- `cpu` (block mode): the torch backend's rows, each call in a C++ kernel built on first use
+  (`block_kernel`), which multiplies the values over their own columns and skips masked keys; `torch`
+  where it cannot build or take the dtype.
 - `flex` (block mode): FlexAttention with a BlockMask built from the selection; compiled with a fused
   backward on CUDA, eager forward only on CPU. Calls with a slot bias (the adaptive budget's soft rank
   mask, which needs its gradient) go to `torch`, with one warning.
 - `auto`: on CUDA `triton` for tokens and `flex` for blocks (in multiples of 16 tokens, FlexAttention's
-  smallest tile); `torch` otherwise.
+  smallest tile); on a CPU `cpu` for blocks; `torch` otherwise.
 Every backend is called as `fn(q, latents, indices, layout, scale=, v_dim=, slot_bias=, biased_rows=)` and
 returns (out [B, H, L, v_dim], the indexer KL's target or None): in token mode the head-averaged slot
 probabilities [B, L, K]; in block mode (torch) each selected block's attention mass [B, R, K], NaN in rows
@@ -20,6 +23,7 @@ it had no room for.
 gradient); a backend may use it to skip work, never to change the result.
 """
 
+import functools
 import importlib
 import importlib.util
 import warnings
@@ -29,13 +33,14 @@ import torch
 
 from adaptive_attn.ops.layout import SparseLayout
 
-BACKENDS = ("reference", "torch", "triton", "flex", "auto")
+BACKENDS = ("reference", "torch", "cpu", "triton", "flex", "auto")
 FLEX_TILE = 16  # FlexAttention's compiled kernels tile by at least 16 queries and keys
 _FUNCTIONS = {
     ("reference", True): "reference:reference_attention",
     ("reference", False): "reference:reference_attention",
     ("torch", True): "torch_token:torch_token_attention",
     ("torch", False): "torch_block:torch_block_attention",
+    ("cpu", False): "torch_block:torch_block_attention",
     ("triton", True): "triton_token:triton_token_attention",
     ("flex", False): "flex_block:flex_block_attention",
 }
@@ -54,10 +59,10 @@ def check_backend(backend: str, block_size: int, query_block: int) -> None:
     """The backend rule of `model.sparse`; ValueError naming the key."""
     if backend not in BACKENDS:
         raise ValueError(f"model.sparse.backend={backend!r} is invalid: choose one of {', '.join(BACKENDS)}")
-    if backend == "triton" and block_size > 1 or backend == "flex" and block_size == 1:
+    if backend == "triton" and block_size > 1 or backend in ("flex", "cpu") and block_size == 1:
         raise ValueError(
             f"model.sparse.backend={backend} does not fit model.sparse.block_size={block_size}: "
-            "triton is token-level (block_size=1), flex is block-level (block_size > 1)"
+            "triton is token-level (block_size=1), flex and cpu are block-level (block_size > 1)"
         )
     if backend == "flex" and not flex_fits(block_size, query_block):
         raise ValueError(
@@ -68,13 +73,13 @@ def check_backend(backend: str, block_size: int, query_block: int) -> None:
 
 def resolve_backend(backend: str, device: torch.device, block_size: int = 1, query_block: int | None = None) -> str:
     """`auto` -> on CUDA the fused kernels (Triton for tokens, FlexAttention for blocks that fit its tiles),
-    else `torch`; any other backend as it is, once its rule holds."""
+    elsewhere the CPU kernel for blocks and `torch` for tokens; any other backend as it is, once its rule holds."""
     query_block = block_size if query_block is None else query_block
     check_backend(backend, block_size, query_block)
     if backend != "auto":
         return backend
     if device.type != "cuda":
-        return "torch"
+        return "cpu" if block_size > 1 else "torch"
     if block_size > 1:
         return "flex" if flex_fits(block_size, query_block) else "torch"
     return "triton" if triton_available() else "torch"
@@ -85,6 +90,8 @@ def backend_function(backend: str, device: torch.device, block_size: int, query_
     name = resolve_backend(backend, device, block_size, query_block)
     module, function = _FUNCTIONS[name, block_size == 1].split(":")
     fn = getattr(importlib.import_module(f"adaptive_attn.ops.{module}"), function)
+    if name == "cpu":
+        return functools.partial(fn, fused=True)
     return _flex_unless_biased(fn) if name == "flex" else fn
 
 

@@ -128,6 +128,10 @@ class SparseLayout:
         B, H, Lp, D = q.shape
         return q.transpose(1, 2).reshape(B, Lp // self.query_block, self.query_block, H, D)
 
+    def real_queries(self, rows: torch.Tensor) -> torch.Tensor:
+        """Query blocks [n] -> which of their queries are real, not padding [n, Q] (bool)."""
+        return rows[:, None] * self.query_block + torch.arange(self.query_block, device=rows.device) < self.seq_len
+
     def key_blocks(self, indices: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """The key blocks of n (sequence, query block) rows: indices [n, K] (each row's selected past blocks,
         -1 = unused), rows [n] (each row's query block) -> their selected blocks, then their diagonal blocks

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from adaptive_attn.ops.layout import SparseLayout
-from adaptive_attn.ops.torch_block import block_indicator, mass_per_block
+from adaptive_attn.ops.sdpa_block import block_indicator, mass_per_block
 
 
 def _wide(x: torch.Tensor) -> torch.Tensor:
