@@ -101,6 +101,8 @@ def torch_block_attention(
     flags = torch.full((R,), slot_bias is not None, device=q.device) if biased_rows is None else biased_rows
     flags = flags & (slot_bias is not None)
     n_prefix = whole_past_query_blocks((indices >= 0).sum(-1), layout)
+    if fused and bool(flags.any()):  # the kernel's prefix takes no bias: a biased block ends it
+        n_prefix = min(n_prefix, int(flags.long().argmax()))
     n_prefix = n_prefix if n_prefix > 1 else 0  # one call instead of one per block, so from two blocks on
     q_prefix, q_rest = split(q_rows, [n_prefix * Q, (R - n_prefix) * Q], dim=1) if n_prefix else (None, q_rows)
     outs, masses = [], []
@@ -169,14 +171,14 @@ def prefix_attention(q, latents, indices, layout: SparseLayout, scale, v_dim, sl
     """The leading query blocks that selected their whole past: one causal SDPA over their prefix, no gather.
     q [B, P, H, D], indices and slot_bias [B, n, K] (P = n query blocks) -> (out [B, P, H, v_dim], block mass
     [B, n, K]). Each query block's slot bias rides in a key column of its own, which only its queries read
-    (a one-hot query column), so a biased query block keeps the prefix's one call. `fused` and no bias: one
-    call of the `cpu` backend's kernel, whose causal diagonal is then the whole prefix."""
+    (a one-hot query column), so a biased query block keeps the prefix's one call. `fused` (no bias): one call
+    of the `cpu` backend's kernel, whose causal diagonal is then the whole prefix."""
     B, P, H, _ = q.shape
     n, Q, bs = indices.shape[1], layout.query_block, layout.block_size
     queries, keys = q.transpose(1, 2), latents[:, None, :P]
     n_blocks = P // bs
     real = layout.real_queries(torch.arange(n, device=q.device)).repeat(B, 1)
-    if fused and slot_bias is None:
+    if fused:  # no bias here (`torch_block_attention`)
         o, per_query = block_kernel.block_attention(q, latents, None, None, 0, bs, scale, v_dim)
         mass = mass_per_block(per_query.reshape(B * n, Q, H, -1), 0, n_blocks, real).view(B, n, n_blocks)
         return o, mass.gather(-1, indices.clamp(min=0)) * (indices >= 0)

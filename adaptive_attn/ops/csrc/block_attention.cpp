@@ -65,6 +65,23 @@ T sum_of(const T* p, int n) {
   return at::vec::reduce_all<T>([](auto a, auto b) { return a + b; }, p, n);
 }
 
+// Column ranges of a tile: the past keys up to the last used slot, then the diagonal keys up to `width`
+// (one range where every slot is in use). Slots after the last used one are never read.
+struct Spans {
+  int n = 0, begin[2], end[2];
+  Spans(int used_end, int past, int width) {
+    if (used_end == past) {
+      add(0, width);
+    } else {
+      add(0, used_end);
+      add(past, width);
+    }
+  }
+  void add(int b, int e) {
+    if (e > b) begin[n] = b, end[n++] = e;
+  }
+};
+
 template <typename T>
 struct Rows {
   const T *q, *k, *bias;
@@ -76,27 +93,40 @@ struct Rows {
   int visible(int t) const { return past() + t / heads + 1; }  // keys up to the last one query row t sees
   int mass_columns() const { return (S + block - 1) / block; }
   bool slot_used(int r, int j) const { return used == nullptr || used[(size_t)r * slots + j]; }
+  T slot_bias(int r, int j) const { return bias == nullptr ? T(0) : bias[(size_t)r * slots + j]; }
+  int used_slots(int r) const {  // one past the last used slot
+    int j = slots;
+    while (j > 0 && !slot_used(r, j - 1)) --j;
+    return j;
+  }
+  const T* keys(int r) const { return k + (size_t)r * S * D; }
 
-  // The logits of query rows [t0, t0 + rows) of row r, in p [rows, width] (ld S): scaled scores plus bias.
-  void logits(int r, int t0, int rows, int width, T* p) const {
-    matmul<T>(false, true, rows, width, D, scale, q + ((size_t)r * M + t0) * D, D, k + (size_t)r * S * D, D, T(0), p,
-              S);
-    if (bias == nullptr) return;
-    for (int t = 0; t < rows; ++t)
-      for (int j = 0; j < slots; ++j) {
-        T b = bias[(size_t)r * slots + j];
-        T* seg = p + (size_t)t * S + j * block;
-        for (int s = 0; s < block; ++s) seg[s] += b;
-      }
+  // Scaled scores of query rows [t0, t0 + rows) of row r over the spans, in p [rows, S]
+  void scores(int r, int t0, int rows, const Spans& spans, T* p) const {
+    const T* qr = q + ((size_t)r * M + t0) * D;
+    for (int i = 0; i < spans.n; ++i)
+      matmul<T>(false, true, rows, spans.end[i] - spans.begin[i], D, scale, qr, D,
+                keys(r) + (size_t)spans.begin[i] * D, D, T(0), p + spans.begin[i], S);
   }
 
-  // exp(logit - shift) over the keys query row t sees, 0 elsewhere up to width -> their sum
-  T softmax_numerators(int r, int t, T* p, int width, T shift) const {
+  // The largest logit (score plus slot bias) query row t sees
+  T max_logit(int r, int t, const T* p, int used_slots) const {
+    using Vec = at::vec::Vectorized<T>;
+    auto max = [](Vec a, Vec b) { return at::vec::maximum(a, b); };
+    T best = at::vec::reduce_all<T>(max, p + past(), visible(t) - past());  // its own key is always there
+    for (int j = 0; j < used_slots; ++j)
+      if (slot_used(r, j))
+        best = std::max(best, at::vec::reduce_all<T>(max, p + j * block, block) + slot_bias(r, j));
+    return best;
+  }
+
+  // p <- exp(logit - shift) over the keys query row t sees, 0 elsewhere in its spans -> their sum
+  T softmax_numerators(int r, int t, T* p, int used_slots, int width, T shift) const {
     T sum = 0;
-    for (int j = 0; j < slots; ++j) {
+    for (int j = 0; j < used_slots; ++j) {
       T* seg = p + j * block;
       if (slot_used(r, j))
-        sum += exp_sum<T>(seg, block, shift);
+        sum += exp_sum<T>(seg, block, shift - slot_bias(r, j));
       else
         std::fill(seg, seg + block, T(0));
     }
@@ -105,42 +135,40 @@ struct Rows {
     std::fill(p + end, p + width, T(0));
     return sum;
   }
-
-  T max_logit(int r, int t, const T* p) const {
-    using Vec = at::vec::Vectorized<T>;
-    auto max = [](Vec a, Vec b) { return at::vec::maximum(a, b); };
-    T best = at::vec::reduce_all<T>(max, p + past(), visible(t) - past());  // its own key is always there
-    for (int j = 0; j < slots; ++j)
-      if (slot_used(r, j)) best = std::max(best, at::vec::reduce_all<T>(max, p + j * block, block));
-    return best;
-  }
 };
 
 template <typename T>
 void forward_rows(const Rows<T>& x, T* out, T* lse, T* mass) {
+  using Vec = at::vec::Vectorized<T>;
   const int tiles = (x.M + kTile - 1) / kTile, columns = x.mass_columns();
   at::parallel_for(0, (int64_t)x.n * tiles, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> buffer((size_t)kTile * x.S);
     T* p = buffer.data();
     for (int64_t task = begin; task < end; ++task) {
       const int r = task / tiles, t0 = (task % tiles) * kTile, rows = std::min(kTile, x.M - t0);
-      const int width = x.visible(t0 + rows - 1);
-      x.logits(r, t0, rows, width, p);
+      const int width = x.visible(t0 + rows - 1), used_slots = x.used_slots(r);
+      const Spans spans(used_slots * x.block, x.past(), width);
+      x.scores(r, t0, rows, spans, p);
       for (int t = 0; t < rows; ++t) {
         T* pt = p + (size_t)t * x.S;
         const size_t row = (size_t)r * x.M + t0 + t;
-        const T shift = x.max_logit(r, t0 + t, pt);
-        const T sum = x.softmax_numerators(r, t0 + t, pt, width, shift);
+        const T shift = x.max_logit(r, t0 + t, pt, used_slots);
+        const T sum = x.softmax_numerators(r, t0 + t, pt, used_slots, width, shift);
         const T inverse = T(1) / sum;
-        at::vec::map<T>([inverse](auto v) { return v * at::vec::Vectorized<T>(inverse); }, pt, pt, width);
+        for (int i = 0; i < spans.n; ++i)
+          at::vec::map<T>([inverse](Vec v) { return v * Vec(inverse); }, pt + spans.begin[i], pt + spans.begin[i],
+                          spans.end[i] - spans.begin[i]);
         lse[row] = shift + std::log(sum);
         for (int c = 0; c < columns; ++c) {
-          const int start = c * x.block, stop = std::min(width, start + x.block);
+          const int start = c * x.block, stop = c < x.slots ? (c < used_slots ? start + x.block : start)
+                                                             : std::min(width, start + x.block);
           mass[row * columns + c] = stop > start ? sum_of<T>(pt + start, stop - start) : T(0);
         }
       }
-      matmul<T>(false, false, rows, x.v_dim, width, T(1), p, x.S, x.k + (size_t)r * x.S * x.D, x.D, T(0),
-                out + ((size_t)r * x.M + t0) * x.v_dim, x.v_dim);
+      T* o = out + ((size_t)r * x.M + t0) * x.v_dim;
+      for (int i = 0; i < spans.n; ++i)
+        matmul<T>(false, false, rows, x.v_dim, spans.end[i] - spans.begin[i], T(1), p + spans.begin[i], x.S,
+                  x.keys(r) + (size_t)spans.begin[i] * x.D, x.D, T(i > 0), o, x.v_dim);
     }
   });
 }
@@ -184,39 +212,68 @@ struct RowGradients {
   }
 };
 
+// d[j] <- p[j] * (d[j] - w) for j < n -> their sum
+template <typename T>
+T dlogits(const T* p, T* d, int n, T w) {
+  using Vec = at::vec::Vectorized<T>;
+  Vec acc(0), vw(w);
+  int j = 0;
+  for (; j + Vec::size() <= n; j += Vec::size()) {
+    Vec g = Vec::loadu(p + j) * (Vec::loadu(d + j) - vw);
+    g.store(d + j);
+    acc += g;
+  }
+  T sum = at::vec::vec_reduce_all<T>([](Vec a, Vec b) { return a + b; }, acc);
+  for (; j < n; ++j) {
+    d[j] = p[j] * (d[j] - w);
+    sum += d[j];
+  }
+  return sum;
+}
+
 template <typename T>
 void backward_rows(const Rows<T>& x, const T* out, const T* lse, const T* grad_out, T* grad_q, T* grad_k,
                    T* grad_bias) {
   const int tiles = (x.M + kTile - 1) / kTile;
   std::mutex lock;
   at::parallel_for(0, (int64_t)x.n * tiles, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> probs((size_t)kTile * x.S), dlogits((size_t)kTile * x.S), weights(kTile);
+    std::vector<T> probs((size_t)kTile * x.S), grads((size_t)kTile * x.S), weights(kTile);
     RowGradients<T> acc(x, grad_k, grad_bias, lock);
-    T *p = probs.data(), *dp = dlogits.data();
+    T *p = probs.data(), *dp = grads.data();
     for (int64_t task = begin; task < end; ++task) {
       const int r = task / tiles, t0 = (task % tiles) * kTile, rows = std::min(kTile, x.M - t0);
-      const int width = x.visible(t0 + rows - 1);
+      const int width = x.visible(t0 + rows - 1), used_slots = x.used_slots(r);
+      const Spans spans(used_slots * x.block, x.past(), width);
       const size_t row0 = (size_t)r * x.M + t0;
-      const T *q = x.q + row0 * x.D, *k = x.k + (size_t)r * x.S * x.D, *dout = grad_out + row0 * x.v_dim;
+      const T *q = x.q + row0 * x.D, *k = x.keys(r), *dout = grad_out + row0 * x.v_dim;
       acc.start(r, width);
-      x.logits(r, t0, rows, width, p);
+      x.scores(r, t0, rows, spans, p);
       for (int t = 0; t < rows; ++t) {
-        x.softmax_numerators(r, t0 + t, p + (size_t)t * x.S, width, lse[row0 + t]);
+        x.softmax_numerators(r, t0 + t, p + (size_t)t * x.S, used_slots, width, lse[row0 + t]);
         weights[t] = at::vec::map2_reduce_all<T>([](auto a, auto b) { return a * b; },
                                                  [](auto a, auto b) { return a + b; }, dout + (size_t)t * x.v_dim,
                                                  out + (row0 + t) * x.v_dim, x.v_dim);
       }
-      matmul<T>(true, false, width, x.v_dim, rows, T(1), p, x.S, dout, x.v_dim, T(1), acc.dv.data(), x.v_dim);
-      matmul<T>(false, true, rows, width, x.v_dim, T(1), dout, x.v_dim, k, x.D, T(0), dp, x.S);
-      for (int t = 0; t < rows; ++t) {  // dlogits = p * (dp - dO . O)
-        T *pt = p + (size_t)t * x.S, *dt = dp + (size_t)t * x.S;
-        const T w = weights[t];
-        at::vec::map2<T>([w](auto a, auto b) { return a * (b - at::vec::Vectorized<T>(w)); }, dt, pt, dt, width);
-        if (grad_bias != nullptr)
-          for (int j = 0; j < x.slots; ++j) acc.db[j] += sum_of<T>(dt + j * x.block, x.block);
+      for (int i = 0; i < spans.n; ++i) {
+        const int c0 = spans.begin[i], c = spans.end[i] - c0;
+        matmul<T>(true, false, c, x.v_dim, rows, T(1), p + c0, x.S, dout, x.v_dim, T(1),
+                  acc.dv.data() + (size_t)c0 * x.v_dim, x.v_dim);
+        matmul<T>(false, true, rows, c, x.v_dim, T(1), dout, x.v_dim, k + (size_t)c0 * x.D, x.D, T(0), dp + c0, x.S);
       }
-      matmul<T>(false, false, rows, x.D, width, x.scale, dp, x.S, k, x.D, T(0), grad_q + row0 * x.D, x.D);
-      matmul<T>(true, false, width, x.D, rows, x.scale, dp, x.S, q, x.D, T(1), acc.dk.data(), x.D);
+      for (int t = 0; t < rows; ++t) {  // dlogits = p * (dp - dO . O); a slot bias's gradient sums them
+        const T *pt = p + (size_t)t * x.S;
+        T* dt = dp + (size_t)t * x.S;
+        for (int j = 0; j < used_slots; ++j)
+          acc.db[j] += dlogits<T>(pt + j * x.block, dt + j * x.block, x.block, weights[t]);
+        dlogits<T>(pt + x.past(), dt + x.past(), width - x.past(), weights[t]);
+      }
+      for (int i = 0; i < spans.n; ++i) {
+        const int c0 = spans.begin[i], c = spans.end[i] - c0;
+        matmul<T>(false, false, rows, x.D, c, x.scale, dp + c0, x.S, k + (size_t)c0 * x.D, x.D, T(i > 0),
+                  grad_q + row0 * x.D, x.D);
+        matmul<T>(true, false, c, x.D, rows, x.scale, dp + c0, x.S, q, x.D, T(1), acc.dk.data() + (size_t)c0 * x.D,
+                  x.D);
+      }
     }
     acc.flush();
   });
