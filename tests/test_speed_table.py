@@ -66,3 +66,28 @@ def test_readme_speed_table_row_is_read_from_its_record(row):
 def test_each_row_has_its_own_record():
     rows = table_rows()
     assert rows and len({record_file(row[0]) for row in rows}) == len(rows)
+
+
+def cpu_backend_rows() -> list[tuple[str, str, list[str]]]:
+    """The table of README's `cpu` backend paragraph -> (label, threads, the cells after them) per row; a
+    row with an empty label continues the one above."""
+    lines = (ROOT / "README.md").read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("**The `cpu` backend"))
+    start = next(i for i in range(start, len(lines)) if lines[i].startswith("| model, length, batch | threads |"))
+    rows, label = [], None
+    for line in lines[start + 2 :]:
+        if not line.startswith("|"):
+            break
+        cells = [cell.strip().replace("**", "") for cell in line.strip("|").split("|")]
+        label = cells[0] or label
+        rows.append((label, cells[1], cells[2:]))
+    return rows
+
+
+@pytest.mark.parametrize("label,threads,cells", cpu_backend_rows(), ids=lambda x: x if isinstance(x, str) else "")
+def test_readme_cpu_backend_table_row_is_read_from_its_record(label, threads, cells):
+    path = ROOT / "results" / "cpu_epyc_avx2" / f"threads{threads}_kernel" / record_file(label).name
+    records = json.loads(path.read_text())
+    assert all(str(r["seq_len"]) in label and r["threads"] == int(threads) for r in records), path
+    for cell, (g, w) in enumerate(zip([numbers(c) for c in cells], expected_cells(records), strict=True)):
+        assert g == pytest.approx(w, abs=0.0051), f"{path}: column {cell + 3} reads {g}, the record {w}"

@@ -2,9 +2,11 @@
 (`csrc/block_attention.cpp`), built for this machine on first use and cached by torch's extension loader.
 
 Where SDPA takes the rows of the torch block backend, this kernel takes the same rows with less work: the
-values' products run over their `v_dim` columns instead of the key width, unused slots and the causal
-diagonal's hidden keys are skipped rather than masked, and each key block's mass and the slot bias's gradient
-come out of the probabilities it already holds. Threads split the query rows; BLAS does the products.
+values' products run over their `v_dim` columns instead of the key width, the slots after a row's last used
+one and the diagonal keys no query of a tile sees are skipped rather than masked, and each key block's mass
+and the slot bias's gradient come out of the probabilities it already holds. Threads split the query rows;
+BLAS does the products. Its whole-past prefix takes no slot bias, so in the `cpu` backend a biased query
+block ends the prefix and its rows take the kernel's grouped calls.
 """
 
 import functools

@@ -5,9 +5,10 @@
 // the values: first w selected past blocks of bs keys (slot j visible to every query where used[r, j]), then
 // the diagonal keys, of which query i sees the first i + 1. A slot bias b[r, j] adds to the past slots' logits.
 //
-// Compared with SDPA on the same rows it multiplies the values over v_dim columns rather than D, skips
-// unused slots and the causal diagonal's masked tiles, needs no additive mask, returns each key block's
-// attention mass per query row, and takes the slot bias's gradient as the block sums of dlogits.
+// Compared with SDPA on the same rows it multiplies the values over v_dim columns rather than D, skips the
+// slots after a row's last used one and the diagonal keys no query of a tile sees, needs no additive mask,
+// returns each key block's attention mass per query row, and takes the slot bias's gradient as the block
+// sums of dlogits. Threads split the query rows in tiles of kTile; BLAS (torch's own) does the products.
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
