@@ -6,7 +6,8 @@ Each (sequence, query block) row attends its selected key blocks and its own dia
 its heads. Three things keep the work close to the selection's own:
 - the leading query blocks that selected every block before them, in every sequence, take one causal
   call over their prefix (`whole_past_query_blocks`): no gather, no mask, only the causal half computed
-  (a slot bias there rides in a key column per query block, so a biased block does not end the prefix);
+  (in SDPA a slot bias there rides in a key column per query block, so a biased block does not end the
+  prefix; the kernel's prefix takes no bias, so in the `cpu` backend it does);
 - the other rows are grouped by slot width (`slot_widths`: a row's own count, rounded up by at most 1/8),
   by whether every slot is in use and, where a slot bias needs its own column (`sdpa_block`), by whether it
   carries a gradient; each group takes one call (a few within `max_call` pairs), whichever sequences and
