@@ -33,6 +33,19 @@ def random_selection(B, L, k, block_size=1, query_block=None, per_row=False, gen
     return TopKTokenSelector()(scores, k, layout), layout
 
 
+# (L, block_size, query_block, k in key blocks): padding, several key blocks per query block, k past every
+# row's eligible blocks, and k = 0
+BLOCK_CASES = [(64, 8, 8, 3), (100, 8, 16, 2), (33, 4, 12, 100), (256, 16, 32, 4), (300, 4, 8, 5), (70, 8, 16, 0)]
+
+
+def float64_inputs(B, H, L, D, bias_shape=None):
+    """Random float64 leaves: q [B, H, L, D], latents [B, L, D] and a slot bias of `bias_shape` (or None)."""
+    q = torch.randn(B, H, L, D, dtype=torch.float64, requires_grad=True)
+    latents = torch.randn(B, L, D, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(bias_shape, dtype=torch.float64, requires_grad=True) if bias_shape else None
+    return q, latents, bias
+
+
 def grads(fn, *tensors) -> list[torch.Tensor]:
     """-> [fn(*tensors), d(weighted sum of it)/d each tensor], with fixed random weights."""
     out = fn(*tensors)

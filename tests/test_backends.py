@@ -10,14 +10,14 @@ from adaptive_attn.ops.rows import permute_rows
 from adaptive_attn.ops.torch_block import torch_block_attention
 from adaptive_attn.ops.torch_token import torch_token_attention
 from adaptive_attn.sparse import losses
-from tests.helpers import assert_backends_agree, attention_and_grads, cpu_threads, random_selection
-
-
-def float64_inputs(B, H, L, D, bias_shape=None):
-    q = torch.randn(B, H, L, D, dtype=torch.float64, requires_grad=True)
-    latents = torch.randn(B, L, D, dtype=torch.float64, requires_grad=True)
-    bias = torch.randn(bias_shape, dtype=torch.float64, requires_grad=True) if bias_shape else None
-    return q, latents, bias
+from tests.helpers import (
+    BLOCK_CASES,
+    assert_backends_agree,
+    attention_and_grads,
+    cpu_threads,
+    float64_inputs,
+    random_selection,
+)
 
 
 def assert_equals_reference(backend, q, latents, idx, layout, bias=None, **kwargs):
@@ -56,21 +56,20 @@ def test_torch_token_attention_in_several_query_chunks_equals_reference(monkeypa
     assert_equals_reference(torch_token_attention, q, latents, idx, layout, bias, max_chunk=max_chunk)
 
 
-@pytest.mark.parametrize(
-    "L,block,qblock,kb",
-    [(64, 8, 8, 3), (100, 8, 16, 2), (33, 4, 12, 100), (256, 16, 32, 4), (300, 4, 8, 5), (70, 8, 16, 0)],
-)
+@pytest.mark.parametrize("L,block,qblock,kb", BLOCK_CASES)
 def test_torch_block_backend_equals_reference(L, block, qblock, kb):
     idx, layout = random_selection(2, L, kb, block, qblock)
     q, latents, _ = float64_inputs(2, 3, L, 10)
     assert_equals_reference("torch", q, latents, idx, layout)
 
 
-def test_block_backend_with_per_sequence_budgets_equals_reference():
+@pytest.mark.parametrize("backend", ["torch", "cpu"])  # SDPA's calls; the C++ kernel's (`block_kernel`)
+def test_block_backend_with_per_sequence_budgets_equals_reference(backend):
     """Sequences whose budgets differ a lot go one by one, each with its own whole-past prefix."""
     idx, layout = random_selection(3, 96, torch.tensor([1, 6, 3]), 8, 8)
-    q, latents, _ = float64_inputs(3, 2, 96, 8)
-    assert_equals_reference("torch", q, latents, idx, layout)
+    q, latents, bias = float64_inputs(3, 2, 96, 8, idx.shape)
+    assert_equals_reference(backend, q, latents, idx, layout)
+    assert_equals_reference(backend, q, latents, idx, layout, bias)
 
 
 def test_block_backend_takes_one_call_per_slot_width_across_sequences_and_positions(monkeypatch):
@@ -316,9 +315,11 @@ def test_a_rows_output_depends_on_no_other_rows_budget():
 
 @pytest.mark.parametrize("D", [8, 16])  # 2 free value columns: the bias column; 10: through taps
 @pytest.mark.parametrize("some_rows", [False, True])
-def test_rank_mask_gradient_equals_reference(D, some_rows):
+@pytest.mark.parametrize("fused", [False, True])  # SDPA; the `cpu` backend's kernel (block sums of dlogits)
+def test_rank_mask_gradient_equals_reference(D, some_rows, fused):
     """A bias of value 0 (the adaptive budget's rank mask) has the reference's gradient whether it rides in
-    an extra column or, where the block indicators fit, through taps on the values and the output."""
+    an extra column or, where the block indicators fit, through taps on the values and the output, and in the
+    C++ kernel."""
     idx, layout = random_selection(3, 96, 4, 8, 16, per_row=True)
     q, latents, _ = float64_inputs(3, 2, 96, D)
     bias = torch.zeros(idx.shape, dtype=torch.float64, requires_grad=True)
@@ -326,7 +327,7 @@ def test_rank_mask_gradient_equals_reference(D, some_rows):
     weight = None if biased_rows is None else biased_rows.double()[None, :, None]
     ref = attention_and_grads("reference", q, latents, idx, layout, bias, weight=weight)
     got = attention_and_grads(
-        torch_block_attention, q, latents, idx, layout, bias, weight=weight, biased_rows=biased_rows
+        torch_block_attention, q, latents, idx, layout, bias, weight=weight, biased_rows=biased_rows, fused=fused
     )
     assert_backends_agree(ref, got)
     assert ref["dbias"].abs().max() > 0.01

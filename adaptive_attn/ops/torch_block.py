@@ -136,9 +136,11 @@ def grouped_attention(
     flat = torch.arange(B * rows_per_seq, device=q.device)
     seqs, rows = flat // rows_per_seq, flat % rows_per_seq + row0
     q = q.reshape(B * rows_per_seq, Q, H, D)
-    zero_bias = bias is not None and not bool(bias.detach().any())  # the rank mask: through taps (`rank_mask`)
-    free = latents.shape[-1] - v_dim if zero_bias else -1
-    free = indices.shape[-1] + layout.blocks_per_query_block if fused else free  # the kernel takes any bias
+    if fused:  # the kernel takes any bias, so rows share calls whatever their flag
+        zero_bias, free = False, width_max + layout.blocks_per_query_block
+    else:  # SDPA takes a rank mask (a bias of value 0) through taps (`rank_mask`) where the indicators fit
+        zero_bias = bias is not None and not bool(bias.detach().any())
+        free = latents.shape[-1] - v_dim if zero_bias else -1
     order, groups = row_groups((indices >= 0).sum(-1), flags.repeat(B), layout, H, max_call, free)
     if order is not None:
         inverse = torch.argsort(order)
@@ -176,13 +178,13 @@ def prefix_attention(q, latents, indices, layout: SparseLayout, scale, v_dim, sl
     of the `cpu` backend's kernel, whose causal diagonal is then the whole prefix."""
     B, P, H, _ = q.shape
     n, Q, bs = indices.shape[1], layout.query_block, layout.block_size
-    queries, keys = q.transpose(1, 2), latents[:, None, :P]
     n_blocks = P // bs
     real = layout.real_queries(torch.arange(n, device=q.device)).repeat(B, 1)
     if fused:  # no bias here (`torch_block_attention`)
         o, per_query = block_kernel.block_attention(q, latents, None, None, 0, bs, scale, v_dim)
         mass = mass_per_block(per_query.reshape(B * n, Q, H, -1), 0, n_blocks, real).view(B, n, n_blocks)
         return o, mass.gather(-1, indices.clamp(min=0)) * (indices >= 0)
+    queries, keys = q.transpose(1, 2), latents[:, None, :P]
     if slot_bias is not None:
         per_block = layout.scatter_slots(slot_bias.to(q.dtype), indices, 0.0)[..., :n_blocks]  # [B, n, n_blocks]
         columns = -(-n // 8) * 8  # whole multiples of 8, which GPU kernels need to stay fused

@@ -164,8 +164,7 @@ def block_mass(q, latents, indices, layout: SparseLayout, qb0: int, qb1: int, sc
     queries = layout.query_blocks(q)[:, qb0:qb1].reshape(B * C, 1, Q * H, D)
     mask = mask.repeat_interleave(H, dim=1)[:, None]
     out = F.scaled_dot_product_attention(queries, keys[:, None], values, attn_mask=mask, scale=scale)
-    real = torch.arange(qb0 * Q, qb1 * Q, device=q.device) < layout.seq_len  # queries that are not padding
-    return _wide(mass_per_block(out.view(B * C, Q, H, width), 0, K, real.view(C, Q).repeat(B, 1)).view(B, C, K))
+    return _wide(mass_per_block(out.view(B * C, Q, H, width), 0, K, layout.real_queries(rows)).view(B, C, K))
 
 
 @torch.no_grad()
