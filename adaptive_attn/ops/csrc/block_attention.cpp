@@ -61,11 +61,6 @@ T exp_sum(T* p, int n, T shift) {
   return sum;
 }
 
-template <typename T>
-T sum_of(const T* p, int n) {
-  return at::vec::reduce_all<T>([](auto a, auto b) { return a + b; }, p, n);
-}
-
 // Column ranges of a tile: the past keys up to the last used slot, then the diagonal keys up to `width`
 // (one range where every slot is in use). Slots after the last used one are never read.
 struct Spans {
@@ -121,18 +116,25 @@ struct Rows {
     return best;
   }
 
-  // p <- exp(logit - shift) over the keys query row t sees, 0 elsewhere in its spans -> their sum
-  T softmax_numerators(int r, int t, T* p, int used_slots, int width, T shift) const {
-    T sum = 0;
-    for (int j = 0; j < used_slots; ++j) {
-      T* seg = p + j * block;
-      if (slot_used(r, j))
-        sum += exp_sum<T>(seg, block, shift - slot_bias(r, j));
-      else
-        std::fill(seg, seg + block, T(0));
-    }
+  // p <- exp(logit - shift) over the keys query row t sees, 0 elsewhere in its spans -> their sum; each key
+  // block's part of it in block_sums [mass_columns()] unless that is null
+  T softmax_numerators(int r, int t, T* p, int used_slots, int width, T shift, T* block_sums = nullptr) const {
     const int end = visible(t);
-    sum += exp_sum<T>(p + past(), end - past(), shift);
+    T sum = 0;
+    for (int c = 0; c < mass_columns(); ++c) {
+      T part = 0;
+      T* seg = p + c * block;
+      if (c < slots) {
+        if (c < used_slots && slot_used(r, c))
+          part = exp_sum<T>(seg, block, shift - slot_bias(r, c));
+        else if (c < used_slots)
+          std::fill(seg, seg + block, T(0));
+      } else if (c * block < end) {
+        part = exp_sum<T>(seg, std::min(end - c * block, block), shift);
+      }
+      sum += part;
+      if (block_sums != nullptr) block_sums[c] = part;
+    }
     std::fill(p + end, p + width, T(0));
     return sum;
   }
@@ -143,33 +145,30 @@ void forward_rows(const Rows<T>& x, T* out, T* lse, T* mass) {
   using Vec = at::vec::Vectorized<T>;
   const int tiles = (x.M + kTile - 1) / kTile, columns = x.mass_columns();
   at::parallel_for(0, (int64_t)x.n * tiles, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> buffer((size_t)kTile * x.S);
+    std::vector<T> buffer((size_t)kTile * x.S), inverse(kTile);
     T* p = buffer.data();
     for (int64_t task = begin; task < end; ++task) {
       const int r = task / tiles, t0 = (task % tiles) * kTile, rows = std::min(kTile, x.M - t0);
       const int width = x.visible(t0 + rows - 1), used_slots = x.used_slots(r);
       const Spans spans(used_slots * x.block, x.past(), width);
       x.scores(r, t0, rows, spans, p);
-      for (int t = 0; t < rows; ++t) {
-        T* pt = p + (size_t)t * x.S;
+      for (int t = 0; t < rows; ++t) {  // the numerators; the sums normalise the masses here, the output below
         const size_t row = (size_t)r * x.M + t0 + t;
-        const T shift = x.max_logit(r, t0 + t, pt, used_slots);
-        const T sum = x.softmax_numerators(r, t0 + t, pt, used_slots, width, shift);
-        const T inverse = T(1) / sum;
-        for (int i = 0; i < spans.n; ++i)
-          at::vec::map<T>([inverse](Vec v) { return v * Vec(inverse); }, pt + spans.begin[i], pt + spans.begin[i],
-                          spans.end[i] - spans.begin[i]);
+        T* row_mass = mass + row * columns;
+        const T shift = x.max_logit(r, t0 + t, p + (size_t)t * x.S, used_slots);
+        const T sum = x.softmax_numerators(r, t0 + t, p + (size_t)t * x.S, used_slots, width, shift, row_mass);
+        inverse[t] = T(1) / sum;
+        for (int c = 0; c < columns; ++c) row_mass[c] *= inverse[t];
         lse[row] = shift + std::log(sum);
-        for (int c = 0; c < columns; ++c) {
-          const int start = c * x.block, stop = c < x.slots ? (c < used_slots ? start + x.block : start)
-                                                             : std::min(width, start + x.block);
-          mass[row * columns + c] = stop > start ? sum_of<T>(pt + start, stop - start) : T(0);
-        }
       }
       T* o = out + ((size_t)r * x.M + t0) * x.v_dim;
       for (int i = 0; i < spans.n; ++i)
         matmul<T>(false, false, rows, x.v_dim, spans.end[i] - spans.begin[i], T(1), p + spans.begin[i], x.S,
                   x.keys(r) + (size_t)spans.begin[i] * x.D, x.D, T(i > 0), o, x.v_dim);
+      for (int t = 0; t < rows; ++t) {
+        const T w = inverse[t];
+        at::vec::map<T>([w](Vec v) { return v * Vec(w); }, o + (size_t)t * x.v_dim, o + (size_t)t * x.v_dim, x.v_dim);
+      }
     }
   });
 }
